@@ -1,0 +1,7 @@
+"""plait: a multi-GPU LLM inference engine that spends as little time as possible talking between GPUs."""
+
+from plait.entrypoints.llm import LLM
+from plait.outputs import CompletionOutput, Logprob, RequestOutput
+from plait.sampling_params import SamplingParams
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]

@@ -1,0 +1,97 @@
+"""`plait` command line. Engine flags come from EngineConfig's fields (name, default and help in one place)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+
+from plait.config import EngineConfig
+from plait.sampling_params import SamplingParams
+
+_ALIASES = {"tensor_parallel_size": ["--tp", "-tp"]}
+
+
+def _flag_type(tp):
+    """`int | None` -> int: the type argparse converts the flag's text with."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)] if isinstance(tp, types.UnionType) else [tp]
+    return args[0]
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine")
+    group.add_argument("model_pos", nargs="?", metavar="MODEL", help="same as --model")
+    hints = typing.get_type_hints(EngineConfig)
+    for f in dataclasses.fields(EngineConfig):
+        names = [f"--{f.name.replace('_', '-')}", *_ALIASES.get(f.name, [])]
+        kind = _flag_type(hints[f.name])
+        if kind is bool:
+            group.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata.get("help"))
+        else:
+            group.add_argument(*names, dest=f.name, type=kind, default=f.default, help=f.metadata.get("help"))
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)}
+    values["model"] = values["model"] or args.model_pos
+    return EngineConfig(**values)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from plait.entrypoints.llm import LLM
+
+    llm = LLM(**dataclasses.asdict(engine_config_from_args(args)))
+    try:
+        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                max_tokens=args.max_tokens, seed=args.sampling_seed)
+        engine = llm.engine
+        if args.chat is not None:
+            ids = llm.apply_chat_template([{"role": "user", "content": args.chat}])
+        else:
+            ids = engine.tokenize(args.prompt)
+        request_id = engine.add_request(ids, params)
+        printed = 0
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.request_id == request_id:
+                    text = out.outputs[0].text
+                    sys.stdout.write(text[printed:])
+                    sys.stdout.flush()
+                    printed = len(text)
+        sys.stdout.write("\n")
+    finally:
+        llm.shutdown()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="plait", description="plait: multi-GPU LLM inference")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate from one prompt or chat message, streaming text to the terminal")
+    add_engine_args(gen)
+    what = gen.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="plain text prompt")
+    what.add_argument("--chat", help="one user message, formatted with the model's chat template")
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=-1)
+    gen.add_argument("--sampling-seed", type=int, default=None)
+    gen.set_defaults(func=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as e:  # user errors: one clear line, no traceback
+        print(f"plait: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

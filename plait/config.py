@@ -1,0 +1,163 @@
+"""Configuration dataclasses: one place for every knob, its default, its help text and its checks.
+
+Each config is frozen and validated in `__post_init__`, so a bad value fails at construction with a
+`ValueError` that names the value and the allowed range, never later inside a forward pass. The CLI
+builds its flags from these fields (`field(metadata={"help": ...})`), so names and defaults live here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def _help(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a Llama-family decoder, normalised across families (Llama, Mistral, Qwen2, Qwen3).
+
+    Built from a Hugging Face config by `plait.models.registry.model_config_from_hf`; the raw HF config is
+    kept for rotary parameters (transformers computes every rope variant for us).
+    """
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    hf_config: Any = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_heads}) must be a multiple of num_key_value_heads ({self.num_kv_heads})"
+            )
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = _help("Number of tensor-parallel ranks (--tp).", default=1)
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs besides the weights. Field names follow vLLM's EngineArgs."""
+
+    model: str | None = _help("HF checkpoint folder, GGUF file or preset name; empty = embedded SmolLM2.", default=None)
+    tokenizer: str | None = _help("Tokenizer folder if not the model's.", default=None)
+    load_format: str = _help("auto | safetensors | gguf | dummy (random weights of the config).", default="auto")
+    dtype: str = _help("auto | float32 | bfloat16 | float16.", default="auto")
+    device: str = _help("cpu | cuda | auto.", default="auto")
+    tensor_parallel_size: int = _help("Tensor-parallel ranks, one process each.", default=1)
+    max_model_len: int | None = _help("Longest prompt + output, in tokens (default: the model's).", default=None)
+    max_num_seqs: int = _help("Most sequences in one step.", default=64)
+    max_num_batched_tokens: int | None = _help("Token budget of one step (default: 2048 or max_model_len).", default=None)
+    enable_chunked_prefill: bool = _help("Split long prompts over steps.", default=True)
+    block_size: int = _help("Tokens per KV-cache block.", default=16)
+    gpu_memory_utilization: float = _help("Share of GPU memory the engine may use (weights + KV cache).", default=0.9)
+    kv_cache_memory_bytes: int | None = _help("KV-cache size per rank in bytes (default on CPU: 1 GiB).", default=None)
+    num_gpu_blocks_override: int | None = _help("Force the number of KV-cache blocks (tests, debugging).", default=None)
+    seed: int = _help("Seed for dummy weights and for requests without their own seed.", default=0)
+    master_port: int | None = _help("Port of the process-group rendezvous (default: a free one).", default=None)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", *_DTYPES):
+            raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {self.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be cpu, cuda or auto; got {self.device!r}")
+        if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
+            raise ValueError(f"load_format must be auto, safetensors, gguf or dummy; got {self.load_format!r}")
+        ParallelConfig(self.tensor_parallel_size)
+        for name, low in (("max_num_seqs", 1), ("block_size", 1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
+            raise ValueError(f"num_gpu_blocks_override must be >= 1, got {self.num_gpu_blocks_override}")
+
+    @property
+    def parallel(self) -> ParallelConfig:
+        return ParallelConfig(self.tensor_parallel_size)
+
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' was asked for but torch sees no CUDA device; use device='cpu'")
+        return self.device
+
+    def torch_dtype(self, model_dtype: torch.dtype | None = None) -> torch.dtype:
+        """'auto' means bf16 on GPU (the model's own dtype when it is a 16-bit one) and fp32 on CPU."""
+        if self.dtype != "auto":
+            return _DTYPES[self.dtype]
+        if self.resolved_device() == "cpu":
+            return torch.float32
+        return model_dtype if model_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+    def replace(self, **changes: Any) -> "EngineConfig":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The scheduler's limits, resolved against the model (see `resolve_scheduler_config`)."""
+
+    max_model_len: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    enable_chunked_prefill: bool
+    block_size: int
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"without chunked prefill max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
+                f"max_model_len ({self.max_model_len}), or a long prompt could never be scheduled"
+            )
+
+
+def resolve_scheduler_config(cfg: EngineConfig, model: ModelConfig) -> SchedulerConfig:
+    max_len = cfg.max_model_len or model.max_position_embeddings
+    if max_len < 1:
+        raise ValueError(f"max_model_len must be >= 1, got {max_len}")
+    if max_len > model.max_position_embeddings:
+        raise ValueError(
+            f"max_model_len ({max_len}) exceeds the model's max_position_embeddings ({model.max_position_embeddings})"
+        )
+    budget = cfg.max_num_batched_tokens or (2048 if cfg.enable_chunked_prefill else max(2048, max_len))
+    return SchedulerConfig(max_len, cfg.max_num_seqs, budget, cfg.enable_chunked_prefill, cfg.block_size)

@@ -1,0 +1,112 @@
+"""The hand-off types between the scheduler (driver process) and the ranks (one process per GPU/CPU rank).
+
+Ownership:
+- `Sequence` lives in the driver only; the scheduler owns its status and `num_computed_tokens`, the engine
+  owns its output tokens, text and finish reason.
+- `StepPlan` is made by the scheduler each step and sent, read-only, to every rank. It says only "compute
+  these tokens of these sequences": prefill, chunked prefill and decode are one case.
+- `StepResult` is made by the rank that holds the LM head's output (the sampler rank) and read by the engine.
+- Ranks keep a mirror of each live sequence's tokens (`SeqData`, sent once, then extended by the plan's
+  tokens), so a step's plan carries only the new tokens.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from plait.sampling_params import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class SeqData:
+    """What a rank must know about a sequence it has not seen (or must rebuild after preemption)."""
+
+    seq_id: int
+    token_ids: list[int]  # every token so far that the plan will compute (prompt, then outputs)
+    prompt_len: int
+    params: SamplingParams
+
+
+@dataclass
+class ScheduledSeq:
+    """One sequence's share of a step: compute `token_ids` at positions start, start+1, ..."""
+
+    seq_id: int
+    start: int
+    token_ids: list[int]
+    block_table: list[int]
+    sample: bool  # this chunk reaches the last known token, so a next token is sampled
+    prompt_logprobs: bool  # return the logprob of each prompt token this chunk predicts
+
+
+@dataclass
+class StepPlan:
+    seqs: list[ScheduledSeq]
+    new_seqs: list[SeqData] = field(default_factory=list)
+    finished_seq_ids: list[int] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.seqs)
+
+
+@dataclass
+class TokenLogprobs:
+    """The logprob of one chosen (or actual) token first, then the top-k alternatives with their ranks."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    ranks: list[int]
+
+
+@dataclass
+class StepResult:
+    sampled: dict[int, int] = field(default_factory=dict)  # seq_id -> next token
+    logprobs: dict[int, TokenLogprobs] = field(default_factory=dict)  # seq_id -> the sampled token's logprobs
+    prompt_logprobs: dict[int, list[TokenLogprobs]] = field(default_factory=dict)  # seq_id -> per predicted token
+
+
+_seq_counter = itertools.count()
+
+
+@dataclass
+class Sequence:
+    """One generated continuation of a request (a request with n=4 has four)."""
+
+    request_id: str
+    index: int
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+    seq_id: int = field(default_factory=lambda: next(_seq_counter))
+    status: SeqStatus = SeqStatus.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_preemptions: int = 0
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED

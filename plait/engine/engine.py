@@ -1,0 +1,142 @@
+"""The driver: owns the scheduler, the KV-cache bookkeeping, the tokenizer and the handle on the ranks.
+
+`step()` is the whole loop body: schedule, run on every rank, advance, turn tokens into outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+from plait.config import EngineConfig, resolve_scheduler_config
+from plait.core import Sequence, StepPlan, StepResult
+from plait.engine.kv_cache import BlockManager
+from plait.engine.output import OutputProcessor, RequestState, SeqOutput
+from plait.engine.scheduler import Scheduler
+from plait.executor.executor import make_executor
+from plait.models.loader import load_hf_config, load_tokenizer, resolve_model
+from plait.models.registry import model_config_from_hf
+from plait.outputs import RequestOutput
+from plait.parallel.tensor import check_tensor_parallel
+from plait.sampling_params import SamplingParams
+
+
+def _eos_ids(hf_config, tokenizer) -> set[int]:
+    ids = getattr(hf_config, "eos_token_id", None)
+    ids = set(ids if isinstance(ids, list) else [] if ids is None else [ids])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+class LLMEngine:
+    def __init__(self, cfg: EngineConfig):
+        self.cfg = cfg
+        src = resolve_model(cfg.model)
+        self.model_name = src.name
+        hf_config = load_hf_config(src)
+        self.model_config = model_config_from_hf(hf_config)
+        check_tensor_parallel(cfg.tensor_parallel_size, self.model_config.num_heads, self.model_config.num_kv_heads)
+        self.sched_config = resolve_scheduler_config(cfg, self.model_config)
+        self.tokenizer = load_tokenizer(src, cfg.tokenizer)
+        eos = _eos_ids(hf_config, self.tokenizer)
+        self.executor = make_executor(cfg, {"max_model_len": self.sched_config.max_model_len, "eos_token_ids": eos})
+        num_blocks = self._size_kv_cache()
+        self.scheduler = Scheduler(self.sched_config, BlockManager(num_blocks, cfg.block_size))
+        self.output = OutputProcessor(self.tokenizer, eos, self.sched_config.max_model_len)
+        self.requests: dict[str, RequestState] = {}
+        self.seqs: dict[int, Sequence] = {}
+        self._ids = itertools.count()
+
+    def _size_kv_cache(self) -> int:
+        num_blocks = self.cfg.num_gpu_blocks_override or min(self.executor.call("num_kv_blocks"))
+        capacity = num_blocks * self.cfg.block_size
+        if capacity < self.sched_config.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {capacity} tokens ({num_blocks} blocks of {self.cfg.block_size}), fewer than "
+                f"max_model_len ({self.sched_config.max_model_len}): raise kv_cache_memory_bytes / "
+                f"gpu_memory_utilization or lower max_model_len"
+            )
+        self.executor.call("allocate_kv_cache", num_blocks)
+        return num_blocks
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer (a preset with dummy weights): pass token ids")
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        """Validate and queue a request; a bad request raises ValueError here and never reaches a step."""
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        ids = self.tokenize(prompt)
+        self._check_prompt(ids)
+        room = self.sched_config.max_model_len - len(ids)
+        params = dataclasses.replace(params, max_tokens=min(params.max_tokens or room, room))
+        seqs = [Sequence(request_id, i, ids, params) for i in range(params.n)]
+        outs = [SeqOutput(logprobs=[] if params.logprobs is not None else None,
+                          cumulative_logprob=0.0 if params.logprobs is not None else None) for _ in seqs]
+        prompt_lps = [None] * len(ids) if params.prompt_logprobs is not None else None
+        self.requests[request_id] = RequestState(request_id, prompt if isinstance(prompt, str) else None, ids, seqs, outs, prompt_lps)
+        for seq in seqs:
+            self.seqs[seq.seq_id] = seq
+            self.scheduler.add(seq)
+        return request_id
+
+    def _check_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        limit = self.sched_config.max_model_len
+        if len(ids) >= limit:
+            raise ValueError(f"the prompt has {len(ids)} tokens; max_model_len is {limit}, so it must have at most {limit - 1}")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+
+    def abort_request(self, request_id: str) -> None:
+        state = self.requests.pop(request_id, None)
+        for seq in state.seqs if state else []:
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+            self.seqs.pop(seq.seq_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def step(self) -> list[RequestOutput]:
+        """One engine iteration; returns the outputs of the requests that progressed (finished ones once, last)."""
+        plan = self.scheduler.schedule()
+        if not plan.seqs and not plan.finished_seq_ids:
+            return []
+        result = self.executor.call("execute", plan)[0]
+        self.scheduler.on_step_done(plan, self.seqs)
+        return self._process(plan, result)
+
+    def _process(self, plan: StepPlan, result: StepResult) -> list[RequestOutput]:
+        touched: dict[str, RequestState] = {}
+        for s in plan.seqs:
+            seq = self.seqs[s.seq_id]
+            state = self.requests[seq.request_id]
+            touched[state.request_id] = state
+            if s.seq_id in result.prompt_logprobs:
+                self.output.add_prompt_logprobs(state, s.start, result.prompt_logprobs[s.seq_id])
+            if s.seq_id in result.sampled:
+                self.output.append_token(seq, state.outs[seq.index], result.sampled[s.seq_id], result.logprobs.get(s.seq_id))
+                if seq.finish_reason is not None:
+                    self.scheduler.finish(seq)
+                    state.finished_seqs.add(seq.index)
+        outputs = [self.output.request_output(state) for state in touched.values()]
+        for state in touched.values():
+            if state.finished:
+                self.abort_request(state.request_id)
+        return outputs
+
+    def shutdown(self) -> None:
+        if getattr(self, "executor", None) is not None:
+            self.executor.shutdown()
+            self.executor = None

@@ -1,0 +1,147 @@
+"""One rank's half of a step: build the batch from the plan, run the model, and (on the sampler rank) sample.
+
+Every rank runs the same forward on its shard; the LM head gathers the full logits rows, and the rank that
+holds them (rank 0 of the group) samples and answers with a `StepResult`. Ranks keep a mirror of each live
+sequence's tokens so the plan carries only what is new.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from plait.comm.communicator import Communicator
+from plait.config import EngineConfig
+from plait.core import StepPlan, StepResult
+from plait.engine.sampler import SampleInput, Sampler, prompt_logprobs
+from plait.layers.attention import AttentionMetadata
+from plait.models.llama import LlamaForCausalLM
+from plait.models.loader import iter_weights, load_hf_config, resolve_model
+from plait.models.registry import model_config_from_hf
+from plait.models.weights import init_dummy_weights, load_weights
+from plait.parallel.tensor import TensorParallel
+
+_CPU_KV_BYTES = 1 << 30
+
+
+class ModelRunner:
+    def __init__(self, cfg: EngineConfig, comm: Communicator, max_model_len: int, eos_token_ids: set[int]):
+        self.cfg, self.comm = cfg, comm
+        self.device = torch.device(cfg.resolved_device(), torch.cuda.current_device() if cfg.resolved_device() == "cuda" else None)
+        src = resolve_model(cfg.model)
+        self.model_cfg = model_config_from_hf(load_hf_config(src))
+        self.dtype = cfg.torch_dtype(getattr(self.model_cfg.hf_config, "dtype", None))
+        self.model = self._load_model(src, max_model_len)
+        self.sampler = Sampler(self.device, eos_token_ids, cfg.seed) if comm.rank == 0 else None
+        self.mirrors: dict[int, tuple[list[int], object, int]] = {}  # seq_id -> (tokens, params, prompt_len)
+
+    def _load_model(self, src, max_model_len: int) -> LlamaForCausalLM:
+        with torch.device("cpu"):
+            model = LlamaForCausalLM(self.model_cfg, TensorParallel(self.comm), max_model_len)
+        if self.cfg.load_format == "dummy" or src.kind == "preset":
+            init_dummy_weights(model, self.cfg.seed + self.comm.rank)
+        else:
+            load_weights(model, iter_weights(src))
+        return model.to(self.device, self.dtype).eval()
+
+    def kv_bytes_per_block(self) -> int:
+        attn = self.model.attention_layers()[0]
+        per_token = 2 * attn.num_kv_heads * attn.head_dim * self.dtype.itemsize * len(self.model.attention_layers())
+        return per_token * self.cfg.block_size
+
+    def num_kv_blocks(self) -> int:
+        """How many blocks fit this rank's budget: an explicit byte count, else memory left on the GPU."""
+        if self.cfg.kv_cache_memory_bytes is not None:
+            budget = self.cfg.kv_cache_memory_bytes
+        elif self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = int(total * self.cfg.gpu_memory_utilization) - (total - free) - (1 << 30)  # 1 GiB for activations
+        else:
+            budget = _CPU_KV_BYTES
+        return max(budget // self.kv_bytes_per_block(), 0)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        for attn in self.model.attention_layers():
+            attn.kv_cache = torch.zeros(
+                2, num_blocks, self.cfg.block_size, attn.num_kv_heads, attn.head_dim, dtype=self.dtype, device=self.device
+            )
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult | None:
+        self._update_mirrors(plan)
+        if not plan.seqs:
+            return StepResult() if self.sampler else None
+        ids, positions, meta = self._prepare(plan)
+        hidden = self.model(ids, positions, meta)  # [T, hidden]
+        rows, sample_rows, prompt_spans = self._logit_rows(plan)
+        logits = self.model.compute_logits(hidden[rows]) if rows else None  # [N, vocab] on every rank
+        return self._sample(plan, logits, sample_rows, prompt_spans) if self.sampler else None
+
+    def _update_mirrors(self, plan: StepPlan) -> None:
+        for seq_id in plan.finished_seq_ids:
+            self.mirrors.pop(seq_id, None)
+        if self.sampler:
+            self.sampler.forget(plan.finished_seq_ids)
+        for d in plan.new_seqs:
+            self.mirrors[d.seq_id] = (list(d.token_ids), d.params, d.prompt_len)
+        for s in plan.seqs:
+            tokens = self.mirrors[s.seq_id][0]
+            tokens[s.start : s.start + len(s.token_ids)] = s.token_ids
+
+    def _prepare(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        bs = self.cfg.block_size
+        ids, positions, slots, starts, seq_lens = [], [], [], [0], []
+        for s in plan.seqs:
+            pos = range(s.start, s.start + len(s.token_ids))
+            ids += s.token_ids
+            positions += pos
+            slots += [s.block_table[p // bs] * bs + p % bs for p in pos]
+            starts.append(starts[-1] + len(s.token_ids))
+            seq_lens.append(pos.stop)
+        width = max(len(s.block_table) for s in plan.seqs)
+        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in plan.seqs]
+        dev = self.device
+        as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
+        meta = AttentionMetadata(
+            slot_mapping=as_tensor(slots),
+            query_start=as_tensor(starts),
+            seq_lens=as_tensor(seq_lens),
+            block_tables=as_tensor(tables),
+            max_query_len=max(len(s.token_ids) for s in plan.seqs),
+            max_seq_len=max(seq_lens),
+        ).prepare_reference(bs)
+        return as_tensor(ids), as_tensor(positions), meta
+
+    def _logit_rows(self, plan: StepPlan):
+        """Which hidden rows need logits: each sampled sequence's last token, and prompt tokens whose
+        successor's logprob was asked for. Returns (rows, {seq_id: row index in logits}, {seq_id: (first, count, start)})."""
+        rows, sample_rows, prompt_spans, offset = [], {}, {}, 0
+        for s in plan.seqs:
+            n = len(s.token_ids)
+            if s.prompt_logprobs:
+                prompt_len = self.mirrors[s.seq_id][2]
+                count = min(s.start + n, prompt_len - 1) - s.start  # positions whose next token is still prompt
+                prompt_spans[s.seq_id] = (len(rows), count, s.start)
+                rows += range(offset, offset + count)
+            if s.sample:
+                sample_rows[s.seq_id] = len(rows)
+                rows.append(offset + n - 1)
+            offset += n
+        return rows, sample_rows, prompt_spans
+
+    def _sample(self, plan: StepPlan, logits, sample_rows: dict, prompt_spans: dict) -> StepResult:
+        result = StepResult()
+        for seq_id, (first, count, start) in prompt_spans.items():
+            tokens, params, _ = self.mirrors[seq_id]
+            targets = torch.tensor(tokens[start + 1 : start + 1 + count], device=self.device)
+            result.prompt_logprobs[seq_id] = prompt_logprobs(logits[first : first + count], targets, params.prompt_logprobs)
+        if sample_rows:
+            inputs = []
+            for seq_id in sample_rows:
+                tokens, params, prompt_len = self.mirrors[seq_id]
+                inputs.append(SampleInput(seq_id, params, tokens, prompt_len))
+            tokens, logprobs = self.sampler.sample(logits[list(sample_rows.values())], inputs)
+            for seq_id, token, lp in zip(sample_rows, tokens, logprobs):
+                result.sampled[seq_id] = token
+                if lp is not None:
+                    result.logprobs[seq_id] = lp
+        return result

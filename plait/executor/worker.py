@@ -1,0 +1,65 @@
+"""One rank's process: join the process group, build the model runner, then run plans until told to stop."""
+
+from __future__ import annotations
+
+import os
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from plait.comm.communicator import Communicator
+from plait.config import EngineConfig
+from plait.engine.model_runner import ModelRunner
+
+# A collective that waits longer than this means a peer is gone: fail instead of hanging forever.
+COLLECTIVE_TIMEOUT = timedelta(seconds=int(os.environ.get("PLAIT_COLLECTIVE_TIMEOUT", "300")))
+
+
+def init_group(cfg: EngineConfig, rank: int, world: int, port: int) -> Communicator:
+    if world == 1:
+        return Communicator.single()
+    cuda = cfg.resolved_device() == "cuda"
+    if cuda:
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    dist.init_process_group(
+        "nccl" if cuda else "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=COLLECTIVE_TIMEOUT,
+    )
+    return Communicator(dist.group.WORLD, rank, world)
+
+
+def handle(runner: ModelRunner, cmd: str, arg):
+    if cmd == "num_kv_blocks":
+        return runner.num_kv_blocks()
+    if cmd == "allocate_kv_cache":
+        return runner.allocate_kv_cache(arg)
+    if cmd == "execute":
+        return runner.execute(arg)
+    raise ValueError(f"unknown command {cmd!r}")
+
+
+def worker_main(cfg: EngineConfig, rank: int, world: int, port: int, init_args: dict, conn) -> None:
+    """Entry point of a spawned rank. Replies ("ok", value) or ("error", traceback) to each command."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    try:
+        comm = init_group(cfg, rank, world, port)
+        runner = ModelRunner(cfg, comm, **init_args)
+        conn.send(("ok", None))
+        while True:
+            cmd, arg = conn.recv()
+            if cmd == "shutdown":
+                break
+            conn.send(("ok", handle(runner, cmd, arg)))
+    except (KeyboardInterrupt, EOFError):
+        return
+    except BaseException:  # noqa: BLE001 - reported to the driver, which raises it there
+        conn.send(("error", traceback.format_exc()))
+        os._exit(1)
+    if dist.is_initialized() and cfg.resolved_device() == "cpu":
+        dist.destroy_process_group()
+    conn.send(("ok", None))

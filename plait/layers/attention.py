@@ -1,0 +1,71 @@
+"""Attention over the paged KV cache (plain PyTorch reference path).
+
+The cache of one layer on one rank is `[2, num_blocks, block_size, kv_heads, head_dim]`; a sequence's
+position p lives in block `block_table[p // block_size]` at offset `p % block_size`. One code path serves
+prefill, chunked prefill against a cached prefix, and decode: queries are the step's new tokens, keys are
+every cached token of the sequence up to and including them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step layout of the flattened batch, built once per step by the model runner and shared by all layers."""
+
+    slot_mapping: torch.Tensor  # [T] cache slot of each new token
+    query_start: torch.Tensor  # [B + 1] offsets of each sequence's new tokens in the flat batch
+    seq_lens: torch.Tensor  # [B] tokens in the cache after this step (prefix + new)
+    block_tables: torch.Tensor  # [B, max_blocks] padded with 0
+    max_query_len: int
+    max_seq_len: int
+    # Derived once per step for the reference path: padded gather indices and the causal/validity mask.
+    key_slots: torch.Tensor | None = None  # [B, max_seq_len]
+    query_index: torch.Tensor | None = None  # [B, max_query_len] flat index of each padded query (or T for padding)
+    mask: torch.Tensor | None = None  # [B, 1, max_query_len, max_seq_len] True where attention is allowed
+
+    def prepare_reference(self, block_size: int) -> "AttentionMetadata":
+        device = self.seq_lens.device
+        q_lens = self.query_start[1:] - self.query_start[:-1]  # [B]
+        k_pos = torch.arange(self.max_seq_len, device=device)
+        blocks = self.block_tables.gather(1, (k_pos // block_size).expand(len(self.seq_lens), -1))
+        self.key_slots = blocks * block_size + k_pos % block_size
+        q_off = torch.arange(self.max_query_len, device=device)
+        valid_q = q_off < q_lens[:, None]
+        total = int(self.query_start[-1])
+        self.query_index = torch.where(valid_q, self.query_start[:-1, None] + q_off, total)
+        q_pos = self.seq_lens[:, None] - q_lens[:, None] + q_off  # [B, max_q] absolute position of each query
+        self.mask = ((k_pos[None, None, :] <= q_pos[:, :, None]) & valid_q[:, :, None]).unsqueeze(1)
+        return self
+
+
+class PagedAttention(nn.Module):
+    """Causal attention of the step's queries over each sequence's cached keys and values."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, kv_index: list[int]):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim**-0.5
+        # Query head -> local KV head; uneven head splits make this an arbitrary map, not a repeat.
+        self.register_buffer("kv_index", torch.tensor(kv_index, dtype=torch.long), persistent=False)
+        self.kv_cache: torch.Tensor | None = None  # set by the model runner once memory is sized
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q: [T, heads, D], k/v: [T, kv_heads, D] -> [T, heads * D]."""
+        k_cache, v_cache = self.kv_cache[0].flatten(0, 1), self.kv_cache[1].flatten(0, 1)  # [slots, kv_heads, D]
+        k_cache[meta.slot_mapping] = k
+        v_cache[meta.slot_mapping] = v
+        keys = k_cache[meta.key_slots][:, :, self.kv_index]  # [B, S, heads, D]
+        values = v_cache[meta.key_slots][:, :, self.kv_index]
+        q_pad = torch.cat([q, q.new_zeros(1, *q.shape[1:])])[meta.query_index]  # [B, Q, heads, D]
+        out = nn.functional.scaled_dot_product_attention(
+            q_pad.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=meta.mask, scale=self.scale
+        ).transpose(1, 2)  # [B, Q, heads, D]
+        flat = out.new_empty(q.shape[0] + 1, self.num_heads, self.head_dim)
+        flat[meta.query_index] = out
+        return flat[:-1].flatten(1)

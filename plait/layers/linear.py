@@ -1,0 +1,83 @@
+"""Column- and row-parallel linears whose slices come from the parallel plan.
+
+A column-parallel layer may merge several checkpoint weights (q/k/v, gate/up) into one matmul: its output
+rows are a list of `Segment`s, each a row range of one named checkpoint tensor. Loading reads only those
+rows, so a rank never holds a whole weight it needs a shard of.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from plait.comm.communicator import Communicator
+
+
+@dataclass(frozen=True)
+class Segment:
+    name: str  # checkpoint sub-name, e.g. "q_proj"
+    full_rows: int  # rows of the whole checkpoint tensor
+    start: int  # first row this rank holds
+    end: int
+
+    @property
+    def rows(self) -> int:
+        return self.end - self.start
+
+
+class ColumnParallelLinear(nn.Module):
+    """y[:, segments] = x @ W[segments].T (+ b): no communication; the output stays sharded."""
+
+    def __init__(self, in_features: int, segments: list[Segment], bias: bool):
+        super().__init__()
+        self.in_features, self.segments = in_features, segments
+        out = sum(s.rows for s in segments)
+        self.weight = nn.Parameter(torch.empty(out, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out), requires_grad=False) if bias else None
+        self.output_sizes = [s.rows for s in segments]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, in] -> [T, sum(rows)]
+        return nn.functional.linear(x, self.weight, self.bias)
+
+    def expected_shape(self, name: str, kind: str) -> tuple[int, ...]:
+        seg = self._segment(name)
+        return (seg.full_rows, self.in_features) if kind == "weight" else (seg.full_rows,)
+
+    def load(self, name: str, kind: str, read) -> None:
+        """read(dim, start, end) -> the checkpoint tensor's slice; `kind` is "weight" or "bias"."""
+        offset = 0
+        for seg in self.segments:
+            if seg.name == name:
+                dst = (self.weight if kind == "weight" else self.bias)[offset : offset + seg.rows]
+                dst.copy_(read(0, seg.start, seg.end))
+                return
+            offset += seg.rows
+        raise KeyError(name)
+
+    def _segment(self, name: str) -> Segment:
+        return next(s for s in self.segments if s.name == name)
+
+
+class RowParallelLinear(nn.Module):
+    """y = sum over ranks of x_r @ W[:, cols_r].T, then + b once: one all-reduce per call."""
+
+    def __init__(self, in_features: int, out_features: int, cols: tuple[int, int], comm: Communicator, bias: bool):
+        super().__init__()
+        self.in_features, self.out_features, self.cols, self.comm = in_features, out_features, cols, comm
+        self.weight = nn.Parameter(torch.empty(out_features, cols[1] - cols[0]), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, local in] -> [T, out], summed over ranks
+        y = self.comm.all_reduce(nn.functional.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias
+
+    def expected_shape(self, name: str, kind: str) -> tuple[int, ...]:
+        return (self.out_features, self.in_features) if kind == "weight" else (self.out_features,)
+
+    def load(self, name: str, kind: str, read) -> None:
+        if kind == "weight":
+            self.weight.copy_(read(1, *self.cols))
+        else:
+            self.bias.copy_(read(0, 0, None))

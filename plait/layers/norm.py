@@ -1,0 +1,29 @@
+"""RMSNorm, with the residual add folded in: the pre-norm decoder always adds then normalises."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x), or (norm(x + residual), x + residual) when a residual is given. Computed in fp32 as HF does."""
+        if residual is not None:
+            x = x + residual
+            residual = x
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        out = self.weight * h.to(x.dtype)
+        return out if residual is None else (out, residual)
+
+    def load(self, name: str, kind: str, read) -> None:
+        self.weight.copy_(read(0, 0, None))
+
+    def expected_shape(self, name: str, kind: str) -> tuple[int, ...]:
+        return tuple(self.weight.shape)

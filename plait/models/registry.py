@@ -1,0 +1,48 @@
+"""Hugging Face config -> plait's ModelConfig and model class: the one place that knows the families."""
+
+from __future__ import annotations
+
+from plait.config import ModelConfig
+
+# HF architectures plait serves with its Llama decoder, and the flags that tell the families apart.
+_FAMILIES: dict[str, dict] = {
+    "LlamaForCausalLM": {},
+    "MistralForCausalLM": {},
+    "Qwen2ForCausalLM": {"qkv_bias": True},
+    "Qwen3ForCausalLM": {"qk_norm": True},
+}
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+def architecture_of(hf_config) -> str:
+    archs = getattr(hf_config, "architectures", None) or [_MODEL_TYPES.get(hf_config.model_type, hf_config.model_type)]
+    arch = archs[0]
+    if arch not in _FAMILIES:
+        raise ValueError(f"architecture {arch!r} is not supported; plait serves {', '.join(_FAMILIES)}")
+    return arch
+
+
+def model_config_from_hf(hf_config) -> ModelConfig:
+    arch = architecture_of(hf_config)
+    flags = dict(_FAMILIES[arch])
+    heads = hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+    if arch in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen3ForCausalLM"):
+        flags["qkv_bias"] = bool(getattr(hf_config, "attention_bias", False))
+        flags["o_bias"] = flags["qkv_bias"]
+        flags["mlp_bias"] = bool(getattr(hf_config, "mlp_bias", False))
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=hf_config.vocab_size,
+        hidden_size=hf_config.hidden_size,
+        intermediate_size=hf_config.intermediate_size,
+        num_layers=hf_config.num_hidden_layers,
+        num_heads=heads,
+        num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        rms_norm_eps=hf_config.rms_norm_eps,
+        max_position_embeddings=hf_config.max_position_embeddings,
+        tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        hf_config=hf_config,
+        **flags,
+    )

@@ -1,0 +1,74 @@
+"""Checkpoint tensors -> this rank's parameters.
+
+Each loadable layer exposes `expected_shape(name, kind)` and `load(name, kind, read)`; `read(dim, start, end)`
+returns only the slice the layer asks for. Every expected tensor must arrive exactly once with the checkpoint's
+full shape, otherwise loading stops with a ValueError naming the tensor.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+_MERGED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+_IGNORED = re.compile(r"rotary_emb\.inv_freq$")
+
+
+def _target(model: nn.Module, hf_name: str) -> tuple[str, str, str] | None:
+    """HF name -> (module path, segment name, kind) in plait's model, or None if the tensor is not ours."""
+    if _IGNORED.search(hf_name):
+        return None
+    path, kind = hf_name.removeprefix("model.").rsplit(".", 1)
+    if path == "lm_head" and model.cfg.tie_word_embeddings:
+        return None
+    *parent, leaf = path.split(".")
+    if leaf in _MERGED:
+        return ".".join([*parent, _MERGED[leaf]]), leaf, kind
+    return path, leaf, kind
+
+
+def expected_tensors(model: nn.Module) -> set[tuple[str, str, str]]:
+    expected = set()
+    for path, module in model.named_modules():
+        if not hasattr(module, "load") or (module is model.lm_head and model.cfg.tie_word_embeddings):
+            continue
+        names = [s.name for s in module.segments] if hasattr(module, "segments") else [path.rsplit(".", 1)[-1]]
+        kinds = ["weight"] + (["bias"] if getattr(module, "bias", None) is not None else [])
+        expected |= {(path, n, k) for n in names for k in kinds}
+    return expected
+
+
+@torch.no_grad()
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, object]]) -> None:
+    expected, seen = expected_tensors(model), set()
+    for hf_name, src in weights:
+        target = _target(model, hf_name)
+        if target is None:
+            continue
+        if target not in expected:
+            raise ValueError(f"checkpoint tensor {hf_name!r} has no place in a {model.cfg.architecture} model of this config")
+        path, name, kind = target
+        module = model.get_submodule(path)
+        want = module.expected_shape(name, kind)
+        if tuple(src.shape) != tuple(want):
+            raise ValueError(f"checkpoint tensor {hf_name!r} has shape {tuple(src.shape)}, the config implies {tuple(want)}")
+        module.load(name, kind, src.read)
+        seen.add(target)
+    missing = sorted(expected - seen)
+    if missing:
+        names = ", ".join(f"{p}.{n}.{k}" for p, n, k in missing[:5])
+        raise ValueError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {names}")
+
+
+@torch.no_grad()
+def init_dummy_weights(model: nn.Module, seed: int) -> None:
+    """Random weights of the right shapes, for benchmarks of big models without a checkpoint on disk."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        else:
+            p.copy_(torch.empty(p.shape).uniform_(-0.02, 0.02, generator=gen))

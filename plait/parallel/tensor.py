@@ -1,0 +1,76 @@
+"""Tensor parallelism as data: which slice of each weight a rank holds, and the group it sums over.
+
+Layers ask the plan for their slice; the model never branches on the degree. Splits are contiguous and
+may be uneven (9 heads over 2 ranks: 5 + 4), because a row-parallel layer only sums partial products and
+needs no equal parts. A rank keeps the KV heads its query heads read, so a KV head is replicated on every
+rank whose query heads straddle it (GQA with fewer KV heads than ranks, or groups cut by the split).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from plait.comm.communicator import Communicator
+
+
+def split_range(n: int, parts: int, index: int) -> tuple[int, int]:
+    """Contiguous near-equal chunk `index` of `parts` over range(n); the first n % parts chunks get one more."""
+    base, extra = divmod(n, parts)
+    start = index * base + min(index, extra)
+    return start, start + base + (index < extra)
+
+
+@dataclass(frozen=True)
+class HeadShard:
+    q_start: int
+    q_end: int
+    kv_start: int
+    kv_end: int
+    group: int  # query heads per KV head in the full model
+
+    @property
+    def num_q(self) -> int:
+        return self.q_end - self.q_start
+
+    @property
+    def num_kv(self) -> int:
+        return self.kv_end - self.kv_start
+
+    def kv_index(self) -> list[int]:
+        """For each local query head, the local KV head it attends with."""
+        return [q // self.group - self.kv_start for q in range(self.q_start, self.q_end)]
+
+
+class TensorParallel:
+    """The plan handed to every layer: slices for this rank and the communicator of the TP group."""
+
+    def __init__(self, comm: Communicator):
+        self.comm = comm
+
+    @property
+    def rank(self) -> int:
+        return self.comm.rank
+
+    @property
+    def size(self) -> int:
+        return self.comm.size
+
+    def split(self, n: int) -> tuple[int, int]:
+        return split_range(n, self.size, self.rank)
+
+    def sizes(self, n: int) -> list[int]:
+        return [b - a for a, b in (split_range(n, self.size, r) for r in range(self.size))]
+
+    def heads(self, num_heads: int, num_kv_heads: int) -> HeadShard:
+        q_start, q_end = self.split(num_heads)
+        group = num_heads // num_kv_heads
+        return HeadShard(q_start, q_end, q_start // group, -(-q_end // group), group)
+
+
+def check_tensor_parallel(tp: int, num_heads: int, num_kv_heads: int) -> None:
+    """Refuse degrees that leave a rank without a query head; every other degree works (uneven is fine)."""
+    if tp > num_heads:
+        raise ValueError(
+            f"tensor_parallel_size ({tp}) is larger than the model's attention heads ({num_heads}, "
+            f"{num_kv_heads} KV heads): a rank would hold no head. Use tensor_parallel_size <= {num_heads}."
+        )
