@@ -112,6 +112,9 @@ def test_min_tokens_blocks_eos_and_stop_tokens():
     assert _pick(logits, output=[1], min_tokens=2) == 2
     assert _pick(logits, output=[1, 1], min_tokens=2) == EOS
     assert _pick(logits, output=[1], min_tokens=2, ignore_eos=True) == EOS
+    batch = [_inp(0, output=[1, 1], min_tokens=2, temperature=0.0), _inp(1, output=[1], min_tokens=2, temperature=0.0)]
+    column_major = torch.tensor([logits, logits]).t().contiguous().t()  # dense but not row-contiguous
+    assert Sampler("cpu", {EOS}).sample(column_major, batch)[0] == [EOS, 2]
 
 
 def _run(sampler: Sampler, logits: torch.Tensor, inputs: list[SampleInput]) -> dict[int, int]:

@@ -19,6 +19,8 @@ from plait.sampling_params import SamplingParams
 
 @dataclass
 class SampleInput:
+    """One row of a batch, with the history that penalties and min_tokens look at."""
+
     seq_id: int
     params: SamplingParams
     token_ids: list[int]  # every token of the sequence so far (prompt first, then outputs)
@@ -48,7 +50,8 @@ class Sampler:
         """Return the next token of each row and, where asked, its logprobs from the raw distribution."""
         # logits: [B, V]
         assert logits.shape[0] == len(inputs), f"{logits.shape[0]} logit rows for {len(inputs)} inputs"
-        logits = logits.to(torch.float32, copy=True)  # a copy: the steps below write in place
+        # A contiguous copy: the steps below write in place, some through a flat view.
+        logits = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
         wanted = [r for r, inp in enumerate(inputs) if inp.params.logprobs is not None]
         if wanted:
             index = _tensor(wanted, logits.device, torch.long)  # [W]
@@ -68,16 +71,15 @@ class Sampler:
     def _mask_stop_tokens(self, logits: torch.Tensor, inputs: list[SampleInput]) -> None:
         """Forbid every way of stopping while a sequence is still short of min_tokens."""
         # logits: [B, V], changed in place
-        rows: list[int] = []
-        cols: list[int] = []
+        vocab = logits.shape[1]
+        flat: list[int] = []  # row * V + token; index_fill_ on the flat view, unlike index_put_, needs no sync
         for r, inp in enumerate(inputs):
             p = inp.params
             if len(inp.output_token_ids) < p.min_tokens:
                 stops = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
-                rows += [r] * len(stops)
-                cols += sorted(stops)
-        if rows:
-            logits[_tensor(rows, logits.device), _tensor(cols, logits.device)] = float("-inf")
+                flat += [r * vocab + t for t in sorted(stops)]
+        if flat:
+            logits.view(-1).index_fill_(0, _tensor(flat, logits.device, torch.long), float("-inf"))
 
     def _choose(self, logits: torch.Tensor, inputs: list[SampleInput]) -> torch.Tensor:
         """Greedy rows take the argmax of the penalised logits; the rest are drawn after temperature and filters."""

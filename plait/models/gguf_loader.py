@@ -63,7 +63,8 @@ class GGUFWeight:
             rows = rows.copy()
         w = torch.from_numpy(rows)
         if self.rope_heads:
-            # llama.cpp stores each head's rows as (pair, half) for its interleaved rotary; Hugging Face as (half, pair).
+            # llama.cpp interleaves the two rotary halves of a head row by row (a0 b0 a1 b1 ...);
+            # Hugging Face keeps them as two blocks (a0 a1 ... b0 b1 ...).
             head = self.shape[0] // self.rope_heads
             w = w.reshape(-1, head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
         return w

