@@ -8,9 +8,12 @@ that dies is reported by rank and cause within seconds instead of leaving the ot
 from __future__ import annotations
 
 import multiprocessing as mp
+import gc
 import socket
 import time
 from multiprocessing.connection import wait
+
+import torch
 
 from plait.config import EngineConfig
 from plait.executor.worker import handle, init_group, worker_main
@@ -38,6 +41,11 @@ class LocalExecutor:
         return [handle(self.runner, cmd, arg)]
 
     def shutdown(self) -> None:
+        """Drop the model and cache now, so a next engine in this process gets the GPU memory back."""
+        if self.runner is not None and self.runner.device.type == "cuda":
+            self.runner = None
+            gc.collect()
+            torch.cuda.empty_cache()
         self.runner = None
 
 

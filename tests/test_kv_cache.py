@@ -1,0 +1,157 @@
+"""BlockManager: the driver-side bookkeeping of which KV-cache block belongs to which sequence."""
+
+from __future__ import annotations
+
+import pytest
+
+from plait.engine.kv_cache import BlockManager, blocks_needed
+
+
+def test_blocks_needed_rounds_up():
+    assert [blocks_needed(n, 4) for n in (0, 1, 3, 4, 5, 8, 9)] == [0, 1, 1, 1, 2, 2, 3]
+    assert blocks_needed(16, 16) == 1 and blocks_needed(17, 16) == 2
+
+
+def test_fresh_manager_is_all_free():
+    bm = BlockManager(8, 4)
+    assert bm.num_free == 8 and bm.usage() == 0.0
+    assert bm.table(123) == []
+    bm.check_invariants()
+
+
+def test_grow_hands_out_low_ids_first_and_only_what_is_needed():
+    bm = BlockManager(10, 4)
+    assert bm.grow(1, 5) == [0, 1]  # 5 tokens -> 2 blocks
+    assert bm.grow(2, 4) == [2]
+    assert bm.grow(1, 8) == [0, 1]  # still 2 blocks: nothing new
+    assert bm.grow(1, 9) == [0, 1, 3]  # the table only ever grows at its end, prefix kept
+    assert bm.table(1) == [0, 1, 3] and bm.table(2) == [2]
+    assert bm.num_free == 6
+    assert bm.usage() == pytest.approx(0.4)
+    bm.check_invariants()
+
+
+def test_grow_to_fewer_tokens_never_shrinks():
+    bm = BlockManager(4, 4)
+    bm.grow(7, 12)
+    assert bm.grow(7, 1) == [0, 1, 2]
+    assert bm.num_free == 1
+    bm.check_invariants()
+
+
+def test_can_grow_counts_only_the_missing_blocks():
+    bm = BlockManager(4, 4)
+    assert bm.can_grow(1, 16) and not bm.can_grow(1, 17)
+    bm.grow(1, 6)  # 2 blocks, 2 free
+    assert bm.can_grow(1, 16)  # needs 2 more, 2 free
+    assert not bm.can_grow(1, 17)  # needs 3 more
+    assert bm.can_grow(2, 8) and not bm.can_grow(2, 9)
+    assert bm.can_grow(1, 0) and bm.can_grow(3, 0)
+    bm.grow(2, 8)
+    assert bm.num_free == 0
+    assert bm.can_grow(1, 8)  # already covered: needs nothing
+    assert not bm.can_grow(1, 9) and not bm.can_grow(3, 1)
+    bm.check_invariants()
+
+
+def test_release_frees_everything_and_reuses_low_ids():
+    bm = BlockManager(6, 2)
+    bm.grow(1, 4)  # [0, 1]
+    bm.grow(2, 4)  # [2, 3]
+    bm.grow(3, 2)  # [4]
+    bm.release(2)
+    assert bm.num_free == 3 and bm.table(2) == [] and 2 not in bm.tables
+    bm.check_invariants()
+    assert bm.grow(4, 6) == [2, 3, 5]  # freed blocks come back lowest first
+    bm.release(1)
+    bm.release(3)
+    bm.release(4)
+    assert bm.num_free == 6 and bm.tables == {}
+    bm.check_invariants()
+    assert bm.grow(5, 12) == [0, 1, 2, 3, 4, 5]
+
+
+def test_release_of_unknown_sequence_is_a_no_op():
+    bm = BlockManager(3, 4)
+    bm.grow(1, 4)
+    bm.release(99)
+    bm.release(1)
+    bm.release(1)  # twice: no double free
+    assert bm.num_free == 3 and sorted(bm.free) == [0, 1, 2]
+    bm.check_invariants()
+
+
+def test_many_sequences_random_churn_keeps_invariants():
+    import random
+
+    rng = random.Random(0)
+    bm = BlockManager(32, 4)
+    sizes: dict[int, int] = {}
+    for step in range(2000):
+        seq = rng.randrange(12)
+        if seq in sizes and rng.random() < 0.3:
+            bm.release(seq)
+            del sizes[seq]
+        else:
+            want = sizes.get(seq, 0) + rng.randint(1, 9)
+            if bm.can_grow(seq, want):
+                before = list(bm.table(seq))
+                table = bm.grow(seq, want)
+                assert table[: len(before)] == before and len(table) == blocks_needed(want, 4)
+                sizes[seq] = want
+            else:
+                assert blocks_needed(want, 4) - len(bm.table(seq)) > bm.num_free
+        bm.check_invariants()
+        assert sum(len(t) for t in bm.tables.values()) + bm.num_free == 32
+    for seq in list(sizes):
+        bm.release(seq)
+    assert bm.num_free == 32
+    bm.check_invariants()
+
+
+# --- check_invariants must catch corrupted state ---------------------------------------------------------------
+
+
+def _busy() -> BlockManager:
+    bm = BlockManager(8, 4)
+    bm.grow(1, 8)  # [0, 1]
+    bm.grow(2, 12)  # [2, 3, 4]
+    bm.check_invariants()
+    return bm
+
+
+def test_invariants_catch_a_block_owned_twice():
+    bm = _busy()
+    bm.tables[2][0] = 0  # seq 2 now claims seq 1's block; block 2 is lost
+    with pytest.raises(AssertionError, match="two sequences"):
+        bm.check_invariants()
+
+
+def test_invariants_catch_a_block_free_and_owned():
+    bm = _busy()
+    bm.free.append(bm.tables[1][0])
+    with pytest.raises(AssertionError, match="free and owned"):
+        bm.check_invariants()
+
+
+def test_invariants_catch_a_leaked_block():
+    bm = _busy()
+    bm.tables[2].pop()  # dropped from the table without going back to the free list
+    with pytest.raises(AssertionError, match="leaked"):
+        bm.check_invariants()
+
+
+def test_invariants_catch_a_leak_hidden_by_a_duplicate_free_block():
+    bm = _busy()
+    lost = bm.free.pop()
+    bm.free.append(bm.free[0])  # the count still adds up, but `lost` is gone and another block is free twice
+    assert lost not in bm.free
+    with pytest.raises(AssertionError):
+        bm.check_invariants()
+
+
+def test_invariants_catch_a_block_id_out_of_range():
+    bm = _busy()
+    bm.tables[1][1] = 99  # the count still adds up, but block 1 is lost and 99 does not exist
+    with pytest.raises(AssertionError):
+        bm.check_invariants()
