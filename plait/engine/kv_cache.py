@@ -48,3 +48,6 @@ class BlockManager:
         assert len(owned) + len(self.free) == self.num_blocks, (
             f"blocks leaked: {len(owned)} owned + {len(self.free)} free != {self.num_blocks}"
         )
+        # With the count right, a block free twice or an id out of range would hide a lost block.
+        lost = set(range(self.num_blocks)) - set(owned) - set(self.free)
+        assert not lost, f"blocks {sorted(lost)[:5]} are neither free nor owned"
