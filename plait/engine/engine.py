@@ -77,7 +77,7 @@ class LLMEngine:
         room = self.sched_config.max_model_len - len(ids)
         params = dataclasses.replace(params, max_tokens=min(params.max_tokens or room, room))
         # As vLLM: with a seed, completion i draws from seed + i, so the n completions differ yet repeat.
-        seqs = [Sequence(request_id, i, ids, params if params.seed is None else dataclasses.replace(params, seed=params.seed + i))
+        seqs = [Sequence(request_id, i, ids, params)
                 for i in range(params.n)]
         outs = [SeqOutput(logprobs=[] if params.logprobs is not None else None,
                           cumulative_logprob=0.0 if params.logprobs is not None else None) for _ in seqs]
