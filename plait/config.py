@@ -89,6 +89,8 @@ class EngineConfig:
     gpu_memory_utilization: float = _help("Share of GPU memory the engine may use (weights + KV cache).", default=0.9)
     kv_cache_memory_bytes: int | None = _help("KV-cache size per rank in bytes (default on CPU: 1 GiB).", default=None)
     num_gpu_blocks_override: int | None = _help("Force the number of KV-cache blocks (tests, debugging).", default=None)
+    attention_backend: str = _help("auto | torch (reference) | triton (paged kernels); auto = triton on GPU.", default="auto")
+    enforce_eager: bool = _help("Never replay decode steps from CUDA graphs.", default=False)
     seed: int = _help("Seed for dummy weights and for requests without their own seed.", default=0)
     master_port: int | None = _help("Port of the process-group rendezvous (default: a free one).", default=None)
 
@@ -99,6 +101,8 @@ class EngineConfig:
             raise ValueError(f"device must be cpu, cuda or auto; got {self.device!r}")
         if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
             raise ValueError(f"load_format must be auto, safetensors, gguf or dummy; got {self.load_format!r}")
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"attention_backend must be auto, torch or triton; got {self.attention_backend!r}")
         ParallelConfig(self.tensor_parallel_size)
         for name, low in (("max_num_seqs", 1), ("block_size", 1)):
             if getattr(self, name) < low:
@@ -118,6 +122,11 @@ class EngineConfig:
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' was asked for but torch sees no CUDA device; use device='cpu'")
         return self.device
+
+    def resolved_attention_backend(self) -> str:
+        if self.attention_backend == "auto":
+            return "triton" if self.resolved_device() == "cuda" else "torch"
+        return self.attention_backend
 
     def torch_dtype(self, model_dtype: torch.dtype | None = None) -> torch.dtype:
         """'auto' means bf16 on GPU (the model's own dtype when it is a 16-bit one) and fp32 on CPU."""

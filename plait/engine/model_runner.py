@@ -7,11 +7,14 @@ sequence's tokens so the plan carries only what is new.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from plait.comm.communicator import Communicator
 from plait.config import EngineConfig
 from plait.core import StepPlan, StepResult
+from plait.engine.cuda_graph import DecodeGraphs, StepInputs
 from plait.engine.sampler import SampleInput, Sampler, prompt_logprobs
 from plait.layers.attention import AttentionMetadata
 from plait.models.llama import LlamaForCausalLM
@@ -31,17 +34,26 @@ class ModelRunner:
         self.model_cfg = model_config_from_hf(load_hf_config(src))
         self.dtype = cfg.torch_dtype(getattr(self.model_cfg.hf_config, "dtype", None))
         self.model = self._load_model(src, max_model_len)
+        self.max_model_len = max_model_len
+        self.backend = cfg.resolved_attention_backend()
         self.sampler = Sampler(self.device, eos_token_ids, cfg.seed) if comm.rank == 0 else None
+        self.graphs: DecodeGraphs | None = None
         self.mirrors: dict[int, tuple[list[int], object, int]] = {}  # seq_id -> (tokens, params, prompt_len)
 
     def _load_model(self, src, max_model_len: int) -> LlamaForCausalLM:
-        with torch.device("cpu"):
-            model = LlamaForCausalLM(self.model_cfg, TensorParallel(self.comm), max_model_len)
+        """Build the rank's shard directly on its device in its dtype, then fill it slice by slice."""
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                model = LlamaForCausalLM(self.model_cfg, TensorParallel(self.comm), max_model_len)
+        finally:
+            torch.set_default_dtype(default)
         if self.cfg.load_format == "dummy" or src.kind == "preset":
             init_dummy_weights(model, self.cfg.seed + self.comm.rank)
         else:
             load_weights(model, iter_weights(src))
-        return model.to(self.device, self.dtype).eval()
+        return model.eval()
 
     def kv_bytes_per_block(self) -> int:
         attn = self.model.attention_layers()[0]
@@ -60,21 +72,37 @@ class ModelRunner:
         return max(budget // self.kv_bytes_per_block(), 0)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
+        """One block more than the scheduler knows of: the scratch block that CUDA-graph padding rows use."""
         for attn in self.model.attention_layers():
             attn.kv_cache = torch.zeros(
-                2, num_blocks, self.cfg.block_size, attn.num_kv_heads, attn.head_dim, dtype=self.dtype, device=self.device
+                2, num_blocks + 1, self.cfg.block_size, attn.num_kv_heads, attn.head_dim, dtype=self.dtype, device=self.device
             )
+        if self.device.type == "cuda" and not self.cfg.enforce_eager:
+            self.graphs = DecodeGraphs(self.model, self.cfg.max_num_seqs, self.max_model_len, self.cfg.block_size,
+                                       num_blocks, self.device)
+            self.graphs.capture()
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult | None:
         self._update_mirrors(plan)
         if not plan.seqs:
             return StepResult() if self.sampler else None
-        ids, positions, meta = self._prepare(plan)
-        hidden = self.model(ids, positions, meta)  # [T, hidden]
         rows, sample_rows, prompt_spans = self._logit_rows(plan)
-        logits = self.model.compute_logits(hidden[rows]) if rows else None  # [N, vocab] on every rank
+        inputs = self._inputs(plan)
+        if self._graph_step(plan):
+            logits = self.graphs.run(inputs)  # a decode step: every row is sampled
+        else:
+            ids, positions, meta = self._prepare(inputs)
+            hidden = self.model(ids, positions, meta)  # [T, hidden]
+            logits = self.model.compute_logits(hidden[rows]) if rows else None  # [N, vocab] on every rank
         return self._sample(plan, logits, sample_rows, prompt_spans) if self.sampler else None
+
+    def _graph_step(self, plan: StepPlan) -> bool:
+        return (
+            self.graphs is not None
+            and len(plan.seqs) <= self.graphs.buckets[-1]
+            and all(len(s.token_ids) == 1 and not s.prompt_logprobs for s in plan.seqs)
+        )
 
     def _update_mirrors(self, plan: StepPlan) -> None:
         for seq_id in plan.finished_seq_ids:
@@ -87,29 +115,33 @@ class ModelRunner:
             tokens = self.mirrors[s.seq_id][0]
             tokens[s.start : s.start + len(s.token_ids)] = s.token_ids
 
-    def _prepare(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def _inputs(self, plan: StepPlan) -> StepInputs:
         bs = self.cfg.block_size
-        ids, positions, slots, starts, seq_lens = [], [], [], [0], []
+        x = StepInputs([], [], [], [], [], [s.block_table for s in plan.seqs])
         for s in plan.seqs:
             pos = range(s.start, s.start + len(s.token_ids))
-            ids += s.token_ids
-            positions += pos
-            slots += [s.block_table[p // bs] * bs + p % bs for p in pos]
-            starts.append(starts[-1] + len(s.token_ids))
-            seq_lens.append(pos.stop)
-        width = max(len(s.block_table) for s in plan.seqs)
-        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in plan.seqs]
-        dev = self.device
-        as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
+            x.ids += s.token_ids
+            x.positions += pos
+            x.slots += [s.block_table[p // bs] * bs + p % bs for p in pos]
+            x.seq_lens.append(pos.stop)
+            x.query_lens.append(len(pos))
+        return x
+
+    def _prepare(self, x: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        width = max(len(t) for t in x.tables)
+        as_tensor = lambda v: torch.tensor(v, dtype=torch.long, device=self.device)  # noqa: E731
         meta = AttentionMetadata(
-            slot_mapping=as_tensor(slots),
-            query_start=as_tensor(starts),
-            seq_lens=as_tensor(seq_lens),
-            block_tables=as_tensor(tables),
-            max_query_len=max(len(s.token_ids) for s in plan.seqs),
-            max_seq_len=max(seq_lens),
-        ).prepare_reference(bs)
-        return as_tensor(ids), as_tensor(positions), meta
+            slot_mapping=as_tensor(x.slots),
+            query_start=as_tensor([0, *itertools.accumulate(x.query_lens)]),
+            seq_lens=as_tensor(x.seq_lens),
+            block_tables=as_tensor([t + [0] * (width - len(t)) for t in x.tables]),
+            max_query_len=max(x.query_lens),
+            max_seq_len=max(x.seq_lens),
+            backend=self.backend,
+        )
+        if self.backend == "torch":
+            meta.prepare_reference(self.cfg.block_size)
+        return as_tensor(x.ids), as_tensor(x.positions), meta
 
     def _logit_rows(self, plan: StepPlan):
         """Which hidden rows need logits: each sampled sequence's last token, and prompt tokens whose

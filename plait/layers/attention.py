@@ -24,6 +24,13 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [B, max_blocks] padded with 0
     max_query_len: int
     max_seq_len: int
+    backend: str = "torch"  # "torch" (reference, any device) | "triton" (GPU kernels, or the Triton interpreter)
+    num_splits: int = 1  # context splits of the decode kernel
+
+    @property
+    def decode(self) -> bool:
+        """One new token per sequence: the GQA-aware split-KV decode kernel applies."""
+        return self.max_query_len == 1
     # Derived once per step for the reference path: padded gather indices and the causal/validity mask.
     key_slots: torch.Tensor | None = None  # [B, max_seq_len]
     query_index: torch.Tensor | None = None  # [B, max_query_len] flat index of each padded query (or T for padding)
@@ -44,6 +51,20 @@ class AttentionMetadata:
         return self
 
 
+def reference_attention(q, k_cache, v_cache, meta: AttentionMetadata, kv_index: torch.Tensor, scale: float) -> torch.Tensor:
+    """Plain PyTorch: gather each sequence's keys into a padded batch and run masked SDPA.
+    q: [T, heads, D]; caches: [num_blocks, block_size, kv_heads, D] -> [T, heads, D]."""
+    keys = k_cache.flatten(0, 1)[meta.key_slots][:, :, kv_index]  # [B, S, heads, D]
+    values = v_cache.flatten(0, 1)[meta.key_slots][:, :, kv_index]
+    q_pad = torch.cat([q, q.new_zeros(1, *q.shape[1:])])[meta.query_index]  # [B, Q, heads, D]
+    out = nn.functional.scaled_dot_product_attention(
+        q_pad.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=meta.mask, scale=scale
+    ).transpose(1, 2)  # [B, Q, heads, D]
+    flat = out.new_empty(q.shape[0] + 1, *q.shape[1:])
+    flat[meta.query_index] = out
+    return flat[:-1]
+
+
 class PagedAttention(nn.Module):
     """Causal attention of the step's queries over each sequence's cached keys and values."""
 
@@ -51,21 +72,29 @@ class PagedAttention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim**-0.5
-        # Query head -> local KV head; uneven head splits make this an arbitrary map, not a repeat.
+        # Query head -> local KV head; uneven head splits make this an arbitrary (but monotone) map, not a repeat.
         self.register_buffer("kv_index", torch.tensor(kv_index, dtype=torch.long), persistent=False)
-        self.kv_cache: torch.Tensor | None = None  # set by the model runner once memory is sized
+        counts = torch.bincount(self.kv_index, minlength=num_kv_heads)
+        self.register_buffer("q_count", counts.int(), persistent=False)
+        self.register_buffer("q_first", (counts.cumsum(0) - counts).int(), persistent=False)
+        self.max_group = int(counts.max())
+        self.kv_cache: torch.Tensor | None = None  # [2, num_blocks, block_size, kv_heads, D], set by the model runner
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q: [T, heads, D], k/v: [T, kv_heads, D] -> [T, heads * D]."""
-        k_cache, v_cache = self.kv_cache[0].flatten(0, 1), self.kv_cache[1].flatten(0, 1)  # [slots, kv_heads, D]
-        k_cache[meta.slot_mapping] = k
-        v_cache[meta.slot_mapping] = v
-        keys = k_cache[meta.key_slots][:, :, self.kv_index]  # [B, S, heads, D]
-        values = v_cache[meta.key_slots][:, :, self.kv_index]
-        q_pad = torch.cat([q, q.new_zeros(1, *q.shape[1:])])[meta.query_index]  # [B, Q, heads, D]
-        out = nn.functional.scaled_dot_product_attention(
-            q_pad.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=meta.mask, scale=self.scale
-        ).transpose(1, 2)  # [B, Q, heads, D]
-        flat = out.new_empty(q.shape[0] + 1, self.num_heads, self.head_dim)
-        flat[meta.query_index] = out
-        return flat[:-1].flatten(1)
+        k_cache, v_cache = self.kv_cache[0], self.kv_cache[1]
+        k_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = k
+        v_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = v
+        if meta.backend == "torch":
+            out = reference_attention(q, k_cache, v_cache, meta, self.kv_index, self.scale)
+        elif meta.decode:
+            from plait.kernels.attention import paged_decode
+
+            out = paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.q_first, self.q_count,
+                               self.max_group, self.scale, meta.num_splits)
+        else:
+            from plait.kernels.attention import paged_prefill
+
+            out = paged_prefill(q, k_cache, v_cache, meta.block_tables, meta.query_start, meta.seq_lens,
+                                self.kv_index, meta.max_query_len, self.scale)
+        return out.flatten(1)

@@ -13,7 +13,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """norm(x), or (norm(x + residual), x + residual) when a residual is given. Computed in fp32 as HF does."""
+        """norm(x), or (norm(x + residual), x + residual) when a residual is given. Computed in fp32 as HF does.
+        On GPU one fused kernel does it all, updating `residual` in place."""
+        if x.is_cuda:
+            from plait.kernels.fused import rms_norm
+
+            out = rms_norm(x, self.weight, self.eps, residual)
+            return out if residual is None else (out, residual)
         if residual is not None:
             x = x + residual
             residual = x

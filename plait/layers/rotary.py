@@ -17,7 +17,7 @@ def _default_inv_freq(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:
     params = getattr(hf_config, "rope_parameters", None) or {}
     theta = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
     # fp32 arithmetic, as transformers does, so positions rotate bit-for-bit alike.
-    return 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim), 1.0
+    return 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim), 1.0
 
 
 class RotaryEmbedding(nn.Module):
@@ -30,13 +30,18 @@ class RotaryEmbedding(nn.Module):
             inv_freq, scale = ROPE_INIT_FUNCTIONS[kind](hf_config, "cpu")
         else:
             raise ValueError(f"rope type {kind!r} is not supported; known: default, {', '.join(ROPE_INIT_FUNCTIONS)}")
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq.float())
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32, device="cpu"), inv_freq.float().cpu())
+        freqs = freqs.to(torch.get_default_device())  # computed on the CPU, kept where the model is being built
         # cos/sin: [max_positions, head_dim // 2], in fp32 whatever the model dtype (cast at use).
         self.register_buffer("cos", freqs.cos() * scale, persistent=False)
         self.register_buffer("sin", freqs.sin() * scale, persistent=False)
 
     def forward(self, positions: torch.Tensor, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Rotate each x: [T, heads, head_dim] by its token's position (HF's rotate-half layout)."""
+        """Rotate each x: [T, heads, head_dim] by its token's position (HF's rotate-half layout); in place on GPU."""
+        if positions.is_cuda:
+            from plait.kernels.fused import rotary_
+
+            return tuple(rotary_(x, self.cos, self.sin, positions) for x in xs)
         cos = self.cos[positions].unsqueeze(1)  # [T, 1, head_dim // 2]
         sin = self.sin[positions].unsqueeze(1)
         out = []

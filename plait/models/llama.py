@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from plait.config import ModelConfig
+from plait.layers.activation import silu_mul
 from plait.layers.attention import AttentionMetadata, PagedAttention
 from plait.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from plait.layers.linear import ColumnParallelLinear, RowParallelLinear, Segment
@@ -60,8 +61,7 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(inter, cfg.hidden_size, (start, end), plan.comm, cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(nn.functional.silu(gate) * up)
+        return self.down_proj(silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

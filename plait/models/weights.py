@@ -66,9 +66,9 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, object]]) -> Non
 @torch.no_grad()
 def init_dummy_weights(model: nn.Module, seed: int) -> None:
     """Random weights of the right shapes, for benchmarks of big models without a checkpoint on disk."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
     for name, p in model.named_parameters():
+        gen = torch.Generator(device=p.device).manual_seed(seed)
         if name.endswith("norm.weight"):
             p.fill_(1.0)
         else:
-            p.copy_(torch.empty(p.shape).uniform_(-0.02, 0.02, generator=gen))
+            p.uniform_(-0.02, 0.02, generator=gen)

@@ -1,0 +1,164 @@
+"""Triton kernels for attention over the paged KV cache.
+
+Cache layout per layer: k, v each `[num_blocks, block_size, kv_heads, head_dim]`; token p of a sequence lives
+in block `block_table[p // block_size]`, row `p % block_size`. Both kernels gather keys through the block table,
+so any mix of prefix-cached, chunked and fresh prompts runs through one path.
+
+- `paged_decode`: one query token per sequence. A program owns (sequence, KV head, split of the context) and
+  handles every query head that reads that KV head as one tile, so each KV byte is read once (GQA-aware), and
+  long contexts are split over programs (flash-decoding) then merged by their log-sum-exp.
+- `paged_prefill`: any number of query tokens per sequence, causal against the cached prefix and themselves.
+
+Both are checked against the PyTorch reference in `plait.layers.attention` (CPU under TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _decode_kernel(
+    Q, K, V, BT, SEQ_LENS, Q_FIRST, Q_COUNT, O_PART, LSE_PART,
+    stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt,
+    stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+    scale,
+    BLOCK_SIZE: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+):
+    b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq_len = tl.load(SEQ_LENS + b)
+    q_first, q_count = tl.load(Q_FIRST + kvh), tl.load(Q_COUNT + kvh)
+    g, d = tl.arange(0, G), tl.arange(0, D)
+    heads = q_first + g
+    gmask = g < q_count
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None], other=0.0)  # [G, D]
+    per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * per_split
+    end = tl.minimum(start + per_split, seq_len)
+    m_i = tl.full([G], float("-inf"), tl.float32)
+    l_i = tl.zeros([G], tl.float32)
+    acc = tl.zeros([G, D], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        nmask = n < end
+        blk = tl.load(BT + b * stride_bt + n // BLOCK_SIZE, mask=nmask, other=0)
+        off = blk.to(tl.int64) * stride_kb + (n % BLOCK_SIZE) * stride_ks + kvh * stride_kh
+        k = tl.load(K + off[:, None] + d[None, :], mask=nmask[:, None], other=0.0)  # [BLOCK_N, D]
+        v = tl.load(V + off[:, None] + d[None, :], mask=nmask[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale  # [G, BLOCK_N]
+        s = tl.where(nmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+    o_ptr = O_PART + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + d[None, :]
+    tl.store(o_ptr, out, mask=gmask[:, None])
+    tl.store(LSE_PART + b * stride_lb + heads * stride_lh + split, lse, mask=gmask)
+
+
+def paged_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    q_first: torch.Tensor,
+    q_count: torch.Tensor,
+    max_group: int,
+    scale: float,
+    num_splits: int,
+) -> torch.Tensor:
+    """q: [B, heads, D] (one token per sequence) -> [B, heads, D]. Shapes are static for a given B, so it captures
+    in a CUDA graph. `q_first[j]`/`q_count[j]`: the local query heads that read local KV head j."""
+    B, H, D = q.shape
+    _, block_size, num_kv, _ = k_cache.shape
+    o_part = torch.empty(B, H, num_splits, D, dtype=torch.float32, device=q.device)
+    lse = torch.empty(B, H, num_splits, dtype=torch.float32, device=q.device)
+    _decode_kernel[(B, num_kv, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, q_first, q_count, o_part, lse,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
+        scale,
+        BLOCK_SIZE=block_size, D=D, G=max(16, triton.next_power_of_2(max_group)), BLOCK_N=32, NUM_SPLITS=num_splits,
+    )
+    if num_splits == 1:
+        return o_part[:, :, 0].to(q.dtype)
+    weights = torch.softmax(lse, dim=-1).nan_to_num_(0.0)  # [B, H, S]; a context shorter than S leaves empty splits
+    return (o_part * weights.unsqueeze(-1)).sum(2).to(q.dtype)
+
+
+@triton.jit
+def _prefill_kernel(
+    Q, K, V, O, BT, QUERY_START, SEQ_LENS, KV_INDEX,
+    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt, stride_ot, stride_oh,
+    scale,
+    BLOCK_SIZE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    tile, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q_start = tl.load(QUERY_START + b)
+    q_len = tl.load(QUERY_START + b + 1) - q_start
+    if tile * BLOCK_M >= q_len:
+        return
+    seq_len = tl.load(SEQ_LENS + b)
+    prefix = seq_len - q_len
+    kvh = tl.load(KV_INDEX + h)
+    m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, D)
+    mmask = m < q_len
+    q = tl.load(Q + (q_start + m)[:, None] * stride_qt + h * stride_qh + d[None, :], mask=mmask[:, None], other=0.0)
+    q_pos = prefix + m
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    end = tl.minimum(seq_len, prefix + (tile + 1) * BLOCK_M)
+    for n0 in range(0, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        nmask = n < end
+        blk = tl.load(BT + b * stride_bt + n // BLOCK_SIZE, mask=nmask, other=0)
+        off = blk.to(tl.int64) * stride_kb + (n % BLOCK_SIZE) * stride_ks + kvh * stride_kh
+        k = tl.load(K + off[:, None] + d[None, :], mask=nmask[:, None], other=0.0)
+        v = tl.load(V + off[:, None] + d[None, :], mask=nmask[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale  # [BLOCK_M, BLOCK_N]
+        s = tl.where(nmask[None, :] & (n[None, :] <= q_pos[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(O + (q_start + m)[:, None] * stride_ot + h * stride_oh + d[None, :], out.to(O.dtype.element_ty), mask=mmask[:, None])
+
+
+def paged_prefill(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start: torch.Tensor,
+    seq_lens: torch.Tensor,
+    kv_index: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+) -> torch.Tensor:
+    """q: [T, heads, D] flattened over sequences -> [T, heads, D]; causal over each sequence's cache."""
+    T, H, D = q.shape
+    block_size = k_cache.shape[1]
+    out = torch.empty_like(q)
+    block_m = 64 if q.is_cuda else 16
+    grid = (triton.cdiv(max_query_len, block_m), block_tables.shape[0], H)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, out, block_tables, query_start, seq_lens, kv_index,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        scale,
+        BLOCK_SIZE=block_size, D=D, BLOCK_M=block_m, BLOCK_N=64 if q.is_cuda else 16,
+    )
+    return out

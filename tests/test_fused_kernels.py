@@ -1,0 +1,44 @@
+"""Fused Triton kernels against the PyTorch layers they replace (CPU: Triton interpreter)."""
+
+from __future__ import annotations
+
+import torch
+
+import plait.kernels.fused as fused
+from plait.layers.norm import RMSNorm
+from plait.layers.rotary import RotaryEmbedding
+from transformers import LlamaConfig
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def test_rms_norm_with_and_without_residual():
+    g = torch.Generator().manual_seed(0)
+    x, r = torch.randn(5, 72, generator=g), torch.randn(5, 72, generator=g)
+    norm = RMSNorm(72, 1e-6)
+    norm.weight.data = torch.rand(72, generator=g) + 0.5
+    ref_out, ref_res = norm(x, r.clone())
+    res = r.clone().to(DEVICE)
+    out = fused.rms_norm(x.to(DEVICE), norm.weight.to(DEVICE), 1e-6, res)
+    torch.testing.assert_close(out.cpu(), ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(res.cpu(), ref_res)
+    torch.testing.assert_close(fused.rms_norm(x.to(DEVICE), norm.weight.to(DEVICE), 1e-6).cpu(), norm(x), atol=1e-5, rtol=1e-5)
+
+
+def test_silu_mul():
+    x = torch.randn(3, 2 * 1500, generator=torch.Generator().manual_seed(1))
+    gate, up = x.chunk(2, dim=-1)
+    torch.testing.assert_close(fused.silu_mul(x.to(DEVICE)).cpu(), torch.nn.functional.silu(gate) * up, atol=1e-5, rtol=1e-5)
+
+
+def test_rotary_in_place_on_a_strided_view():
+    rope = RotaryEmbedding(LlamaConfig(), 16, 64)
+    qkv = torch.randn(4, 5 * 16 + 2 * 16, generator=torch.Generator().manual_seed(2))
+    positions = torch.tensor([0, 3, 17, 63])
+    q = qkv[:, : 5 * 16].view(4, 5, 16)
+    ref = rope(positions, q.clone())[0]
+    dev_qkv = qkv.to(DEVICE)
+    dev_q = dev_qkv[:, : 5 * 16].view(4, 5, 16)
+    fused.rotary_(dev_q, rope.cos.to(DEVICE), rope.sin.to(DEVICE), positions.to(DEVICE))
+    torch.testing.assert_close(dev_q.cpu(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dev_qkv[:, 80:].cpu(), qkv[:, 80:])  # k/v columns untouched
