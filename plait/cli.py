@@ -80,7 +80,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=-1)
     gen.add_argument("--sampling-seed", type=int, default=None)
     gen.set_defaults(func=_generate)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
+    latency = bench.add_parser("latency", help="fixed batch: TTFT and TPOT against the hardware floor")
+    add_engine_args(latency)
+    from plait.bench.latency import add_args as add_latency_args
+
+    add_latency_args(latency)
+    latency.set_defaults(func=_bench_latency)
     return parser
+
+
+def _bench_latency(args: argparse.Namespace) -> int:
+    from plait.bench.latency import main as latency_main
+
+    latency_main(args, engine_config_from_args(args))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

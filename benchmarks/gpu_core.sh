@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The core's GPU checks and speed benchmarks in one device call (Llama-3.1-8B shape, dummy weights, bf16).
+# Usage on the device: OUT=/some/dir bash benchmarks/gpu_core.sh [quick]
+set -u
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD PLAIT_COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+B="python3 -m plait.cli bench latency llama3-8b --dtype bfloat16 --device cuda"
+ngpu=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+
+timeout 300 python3 -m pytest -q -m gpu tests/gpu tests/test_triton_attention.py tests/test_fused_kernels.py -p no:cacheprovider 2>&1 | tail -4
+timeout 200 $B --batch-size 1 --input-len 128 --output-len 256 --num-iters 3 --max-num-seqs 8 --output-json "$OUT/latency_tp1_bs1.json" | tail -4
+timeout 200 $B --batch-size 64 --input-len 512 --output-len 192 --num-iters 2 --max-num-seqs 64 --output-json "$OUT/latency_tp1_bs64.json" | tail -4
+timeout 200 $B --batch-size 1 --input-len 8192 --output-len 2 --num-iters 3 --max-num-seqs 1 --output-json "$OUT/latency_tp1_prefill8k.json" | tail -4
+if [ "$ngpu" -ge 2 ]; then
+  timeout 200 $B --tp 2 --batch-size 1 --input-len 128 --output-len 256 --num-iters 3 --max-num-seqs 8 --output-json "$OUT/latency_tp2_bs1.json" | tail -4
+fi

@@ -1,0 +1,122 @@
+"""`plait bench latency`: one fixed batch, prefill then decode, timed step by step against the hardware floor.
+
+TTFT is the time from adding the batch to every sequence having its first token (the prefill steps);
+TPOT is the time of one decode step. Repeated `--num-iters` times; median and p90 reported, each beside
+its floor (`plait.bench.floors`, measured in the same run) and the ratio to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from plait.bench import floors
+from plait.bench.results import write_result
+from plait.config import EngineConfig
+from plait.engine.engine import LLMEngine
+from plait.sampling_params import SamplingParams
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument("--num-iters", type=int, default=5)
+    parser.add_argument("--num-iters-warmup", type=int, default=1)
+    parser.add_argument("--output-json", default=None, help="write the result here (default: print only)")
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_once(engine: LLMEngine, args, device: str) -> tuple[float, list[float]]:
+    """One batch end to end: returns (TTFT seconds, decode step seconds)."""
+    g = torch.Generator().manual_seed(0)
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+    for _ in range(args.batch_size):
+        engine.add_request(torch.randint(0, vocab, (args.input_len,), generator=g).tolist(), params)
+    _sync(device)
+    start = time.perf_counter()
+    ttft, steps, last = None, [], start
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        _sync(device)
+        now = time.perf_counter()
+        if ttft is None:
+            if outs and all(o.outputs[0].token_ids for o in outs) and len(outs) == args.batch_size:
+                ttft = now - start
+        elif outs:
+            steps.append(now - last)
+        last = now
+    return ttft, steps
+
+
+def _p(values: list[float], q: float) -> float:
+    return sorted(values)[min(len(values) - 1, int(q * len(values)))]
+
+
+def main(args: argparse.Namespace, cfg: EngineConfig) -> dict:
+    cfg = cfg.replace(max_num_seqs=max(cfg.max_num_seqs, args.batch_size),
+                      max_num_batched_tokens=max(cfg.max_num_batched_tokens or 0, args.batch_size * args.input_len),
+                      max_model_len=cfg.max_model_len or args.input_len + args.output_len + 16)
+    engine = LLMEngine(cfg)
+    device = cfg.resolved_device()
+    try:
+        for _ in range(args.num_iters_warmup):
+            run_once(engine, args, device)
+        ttfts, tpots = [], []
+        for _ in range(args.num_iters):
+            ttft, steps = run_once(engine, args, device)
+            ttfts.append(ttft)
+            tpots += steps
+        result = _report(engine, args, cfg, device, ttfts, tpots)
+    finally:
+        engine.shutdown()
+    write_result(result, args.output_json)
+    return result
+
+
+def _report(engine, args, cfg, device, ttfts, tpots) -> dict:
+    m, tp = engine.model_config, cfg.tensor_parallel_size
+    itemsize = torch.empty(0, dtype=cfg.torch_dtype()).element_size()
+    result = {
+        "benchmark": "latency",
+        "model": engine.model_name,
+        "model_shape": {k: getattr(m, k) for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "vocab_size")},
+        "tensor_parallel_size": tp,
+        "dtype": str(cfg.torch_dtype()).removeprefix("torch."),
+        "batch_size": args.batch_size, "input_len": args.input_len, "output_len": args.output_len,
+        "ttft_ms": {"median": statistics.median(ttfts) * 1e3, "p90": _p(ttfts, 0.9) * 1e3},
+        "tpot_ms": {"median": statistics.median(tpots) * 1e3, "p90": _p(tpots, 0.9) * 1e3},
+        "output_throughput_tok_s": args.batch_size / statistics.median(tpots),
+    }
+    if device == "cuda":
+        bw, rate = floors.hbm_bandwidth(), floors.matmul_rate()
+        mean_ctx = args.input_len + args.output_len / 2
+        decode_floor = floors.decode_floor_s(m, itemsize, int(args.batch_size * mean_ctx), tp, bw)
+        prefill_floor = floors.prefill_flops(m, [args.input_len] * args.batch_size) / tp / rate
+        result["floors"] = {
+            "hbm_bandwidth_tb_s": bw / 1e12, "matmul_tflop_s": rate / 1e12,
+            "decode_ms": decode_floor * 1e3, "prefill_ms": prefill_floor * 1e3,
+            "tpot_over_floor": result["tpot_ms"]["median"] / (decode_floor * 1e3),
+            "ttft_over_floor": result["ttft_ms"]["median"] / (prefill_floor * 1e3),
+        }
+    print(table(result))
+    return result
+
+
+def table(r: dict) -> str:
+    lines = [f"{r['model']} tp={r['tensor_parallel_size']} bs={r['batch_size']} in={r['input_len']} out={r['output_len']} {r['dtype']}"]
+    f = r.get("floors")
+    for key, floor_key in (("ttft_ms", "prefill_ms"), ("tpot_ms", "decode_ms")):
+        v = r[key]
+        extra = f"  floor {f[floor_key]:8.3f}  ratio {v['median'] / f[floor_key]:5.2f}x" if f else ""
+        lines.append(f"  {key:8s} median {v['median']:9.3f}  p90 {v['p90']:9.3f}{extra}")
+    lines.append(f"  output throughput {r['output_throughput_tok_s']:.1f} tok/s")
+    return "\n".join(lines)
