@@ -40,7 +40,11 @@ class LLMEngine:
         self.sched_config = resolve_scheduler_config(cfg, self.model_config)
         self.tokenizer = load_tokenizer(src, cfg.tokenizer)
         eos = _eos_ids(hf_config, self.tokenizer)
-        self.executor = make_executor(cfg, {"max_model_len": self.sched_config.max_model_len, "eos_token_ids": eos})
+        self.executor = make_executor(cfg, {
+            "max_model_len": self.sched_config.max_model_len,
+            "max_num_batched_tokens": self.sched_config.max_num_batched_tokens,
+            "eos_token_ids": eos,
+        })
         num_blocks = self._size_kv_cache()
         self.scheduler = Scheduler(self.sched_config, BlockManager(num_blocks, cfg.block_size))
         self.output = OutputProcessor(self.tokenizer, eos, self.sched_config.max_model_len)
@@ -77,7 +81,7 @@ class LLMEngine:
         room = self.sched_config.max_model_len - len(ids)
         params = dataclasses.replace(params, max_tokens=min(params.max_tokens or room, room))
         # As vLLM: with a seed, completion i draws from seed + i, so the n completions differ yet repeat.
-        seqs = [Sequence(request_id, i, ids, params)
+        seqs = [Sequence(request_id, i, ids, params if params.seed is None else dataclasses.replace(params, seed=params.seed + i))
                 for i in range(params.n)]
         outs = [SeqOutput(logprobs=[] if params.logprobs is not None else None,
                           cumulative_logprob=0.0 if params.logprobs is not None else None) for _ in seqs]

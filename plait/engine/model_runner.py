@@ -27,14 +27,15 @@ _CPU_KV_BYTES = 1 << 30
 
 
 class ModelRunner:
-    def __init__(self, cfg: EngineConfig, comm: Communicator, max_model_len: int, eos_token_ids: set[int]):
+    def __init__(self, cfg: EngineConfig, comm: Communicator, max_model_len: int, max_num_batched_tokens: int,
+                 eos_token_ids: set[int]):
         self.cfg, self.comm = cfg, comm
         self.device = torch.device(cfg.resolved_device(), torch.cuda.current_device() if cfg.resolved_device() == "cuda" else None)
         src = resolve_model(cfg.model)
         self.model_cfg = model_config_from_hf(load_hf_config(src))
         self.dtype = cfg.torch_dtype(getattr(self.model_cfg.hf_config, "dtype", None))
         self.model = self._load_model(src, max_model_len)
-        self.max_model_len = max_model_len
+        self.max_model_len, self.max_num_batched_tokens = max_model_len, max_num_batched_tokens
         self.backend = cfg.resolved_attention_backend()
         self.sampler = Sampler(self.device, eos_token_ids, cfg.seed) if comm.rank == 0 else None
         self.graphs: DecodeGraphs | None = None
@@ -66,10 +67,16 @@ class ModelRunner:
             budget = self.cfg.kv_cache_memory_bytes
         elif self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            budget = int(total * self.cfg.gpu_memory_utilization) - (total - free) - (1 << 30)  # 1 GiB for activations
+            budget = int(total * self.cfg.gpu_memory_utilization) - (total - free) - self._activation_bytes()
         else:
             budget = _CPU_KV_BYTES
         return max(budget // self.kv_bytes_per_block(), 0)
+
+    def _activation_bytes(self) -> int:
+        """Peak bytes of one step's temporaries at the full token budget (with slack for graphs and cuBLAS)."""
+        m, tp = self.model_cfg, self.comm.size
+        per_token = 3 * m.hidden_size + 2 * (m.num_heads + 2 * m.num_kv_heads) * m.head_dim // tp + 3 * m.intermediate_size // tp
+        return self.max_num_batched_tokens * per_token * self.dtype.itemsize + (2 << 30)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """One block more than the scheduler knows of: the scratch block that CUDA-graph padding rows use."""

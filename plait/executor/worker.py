@@ -63,3 +63,5 @@ def worker_main(cfg: EngineConfig, rank: int, world: int, port: int, init_args: 
     if dist.is_initialized() and cfg.resolved_device() == "cpu":
         dist.destroy_process_group()
     conn.send(("ok", None))
+    if cfg.resolved_device() == "cuda":
+        os._exit(0)  # NCCL captured in CUDA graphs can hang in teardown; the driver already has every answer
