@@ -192,6 +192,31 @@ def test_preemption_takes_the_newest_running_sequence_and_blocks_admission():
     assert sched.running == [b, c, d] and not sched.waiting
 
 
+def put_running(sched: Scheduler, seqs: dict[int, Sequence], seq: Sequence, outputs: int) -> None:
+    """Set up a sequence as if it had run: prompt computed, `outputs` tokens sampled (the last not yet computed)."""
+    seqs[seq.seq_id] = seq
+    seq.output_token_ids = [NEXT_TOKEN] * outputs
+    seq.num_computed_tokens = seq.num_tokens - 1
+    seq.status = SeqStatus.RUNNING
+    sched.running.append(seq)
+    sched.blocks.grow(seq.seq_id, seq.num_computed_tokens)
+
+
+def test_no_admission_in_a_step_that_preempted_even_if_a_chunk_would_fit():
+    # 4 blocks of 4, a budget of 3: a and c each hold 2 blocks after 8 computed tokens
+    sched, seqs = make_scheduler(num_blocks=4, block_size=4, budget=3, max_len=16, chunked=True), {}
+    a, c = make_seq(8, "a"), make_seq(8, "c")
+    put_running(sched, seqs, a, 1)
+    put_running(sched, seqs, c, 1)
+    check_state(sched)
+    plan = step(sched, seqs)  # a's 9th token needs a block: c goes; 1 block and 2 budget tokens are left over
+    assert shares(plan) == [(a.seq_id, 8, 1)] and plan.new_seqs == []
+    assert list(sched.waiting) == [c] and c.num_preemptions == 1 and sched.blocks.num_free == 1
+    plan = step(sched, seqs)  # next step c restarts with a 2-token chunk
+    assert shares(plan) == [(a.seq_id, 9, 1), (c.seq_id, 0, 2)]
+    assert [d.seq_id for d in plan.new_seqs] == [c.seq_id]
+
+
 def test_preemption_can_take_the_sequence_that_needs_the_block():
     sched, seqs = make_scheduler(num_blocks=4, block_size=4, budget=64, max_len=16), {}
     a, b = make_seq(6, "a"), make_seq(8, "b")  # 2 blocks each, none free
