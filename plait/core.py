@@ -89,19 +89,34 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     seq_id: int = field(default_factory=lambda: next(_seq_counter))
     status: SeqStatus = SeqStatus.WAITING
-    output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_preemptions: int = 0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 
+    def __post_init__(self) -> None:
+        # One growing list of every token: a decode step appends and slices it without copying the history.
+        self._tokens = list(self.prompt_token_ids)
+
+    def append_token(self, token: int) -> None:
+        self._tokens.append(token)
+
     @property
     def token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+        """Every token so far (prompt, then outputs); the live list, read-only for callers."""
+        return self._tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self._tokens[len(self.prompt_token_ids) :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self._tokens) - len(self.prompt_token_ids)
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self._tokens)
 
     @property
     def prompt_len(self) -> int:

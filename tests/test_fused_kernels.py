@@ -42,3 +42,23 @@ def test_rotary_in_place_on_a_strided_view():
     fused.rotary_(dev_q, rope.cos.to(DEVICE), rope.sin.to(DEVICE), positions.to(DEVICE))
     torch.testing.assert_close(dev_q.cpu(), ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(dev_qkv[:, 80:].cpu(), qkv[:, 80:])  # k/v columns untouched
+
+
+def test_rope_store_kv_rotates_q_and_writes_the_rotated_k_and_v_into_the_cache():
+    rope = RotaryEmbedding(LlamaConfig(), 16, 64)
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(3, (4 + 2 + 2) * 16, generator=g)
+    q, k, v = (t.view(3, -1, 16) for t in qkv.split([64, 32, 32], dim=-1))
+    positions, slots = torch.tensor([5, 6, 40]), torch.tensor([9, 2, 30])
+    ref_q, ref_k = rope(positions, q.clone(), k.clone())
+    cache = torch.zeros(2, 8, 4, 2, 16)
+    dq, dk = q.clone().to(DEVICE), k.clone().to(DEVICE)
+    dcache = cache.to(DEVICE)
+    fused.rope_store_kv(dq, dk, v.to(DEVICE), dcache[0], dcache[1], rope.cos.to(DEVICE), rope.sin.to(DEVICE),
+                        positions.to(DEVICE), slots.to(DEVICE))
+    torch.testing.assert_close(dq.cpu(), ref_q, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dk.cpu(), ref_k, atol=1e-5, rtol=1e-5)
+    flat_k, flat_v = dcache[0].view(-1, 2, 16).cpu(), dcache[1].view(-1, 2, 16).cpu()
+    torch.testing.assert_close(flat_k[slots], ref_k, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(flat_v[slots], v)
+    assert flat_k.abs().sum() == flat_k[slots].abs().sum()  # nothing written elsewhere

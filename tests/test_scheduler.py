@@ -64,7 +64,7 @@ def step(sched: Scheduler, seqs: dict[int, Sequence]) -> StepPlan:
     sched.on_step_done(plan, seqs)
     for s in plan.seqs:
         if s.sample:
-            seqs[s.seq_id].output_token_ids.append(NEXT_TOKEN)
+            seqs[s.seq_id].append_token(NEXT_TOKEN)
     check_state(sched)
     return plan
 
@@ -195,7 +195,8 @@ def test_preemption_takes_the_newest_running_sequence_and_blocks_admission():
 def put_running(sched: Scheduler, seqs: dict[int, Sequence], seq: Sequence, outputs: int) -> None:
     """Set up a sequence as if it had run: prompt computed, `outputs` tokens sampled (the last not yet computed)."""
     seqs[seq.seq_id] = seq
-    seq.output_token_ids = [NEXT_TOKEN] * outputs
+    for _ in range(outputs):
+        seq.append_token(NEXT_TOKEN)
     seq.num_computed_tokens = seq.num_tokens - 1
     seq.status = SeqStatus.RUNNING
     sched.running.append(seq)
@@ -234,7 +235,8 @@ def test_preemption_of_several_sequences_in_one_step():
     a, b, c = make_seq(8, "a"), make_seq(4, "b"), make_seq(4, "c")  # 2 + 1 + 1 blocks, 2 free
     add(sched, seqs, a, b, c)
     step(sched, seqs)
-    a.output_token_ids += [NEXT_TOKEN] * 12  # pretend a jumps ahead: 21 tokens, its next share needs 4 more blocks
+    for _ in range(12):  # pretend a jumps ahead: 21 tokens, its next share needs 4 more blocks
+        a.append_token(NEXT_TOKEN)
     plan = step(sched, seqs)
     assert shares(plan) == [(a.seq_id, 8, 13)]
     assert list(sched.waiting) == [b, c]  # c went first, then b in front of it: original order kept

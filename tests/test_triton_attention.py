@@ -45,7 +45,7 @@ LAYOUTS = [(4, 2, [0, 0, 1, 1]), (4, 2, [0, 1, 1, 1]), (3, 3, [0, 1, 2])]
 
 
 @pytest.mark.parametrize("heads,kv_heads,kv_index", LAYOUTS)
-@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("num_splits", [1, 4])
 def test_decode_kernel_matches_reference(heads, kv_heads, kv_index, num_splits):
     ctx = [1, 7, 33, 70]
     q, cache, meta, attn, ref = make_case([1] * len(ctx), ctx, heads, kv_heads, kv_index)

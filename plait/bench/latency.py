@@ -27,6 +27,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-iters", type=int, default=5)
     parser.add_argument("--num-iters-warmup", type=int, default=1)
     parser.add_argument("--output-json", default=None, help="write the result here (default: print only)")
+    parser.add_argument("--profile", action="store_true",
+                        help="one more run under torch.profiler: the top GPU kernels of the decode steps (TP=1 only)")
 
 
 def _sync(device: str) -> None:
@@ -57,6 +59,21 @@ def run_once(engine: LLMEngine, args, device: str) -> tuple[float, list[float]]:
     return ttft, steps
 
 
+def profile_decode(engine: LLMEngine, args, device: str) -> list[dict]:
+    """Kernel time of the decode steps of one batch, and the step's wall time: where a step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        run_once(engine, args, device)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)[:20]
+    rows = [{"name": e.key[:80], "calls": e.count, "device_ms": e.self_device_time_total / 1e3, "cpu_ms": e.cpu_time_total / 1e3}
+            for e in events]
+    for r in rows:
+        print(f"  {r['device_ms']:9.2f} ms  {r['calls']:6d}x  {r['name']}")
+    return rows
+
+
 def _p(values: list[float], q: float) -> float:
     return sorted(values)[min(len(values) - 1, int(q * len(values)))]
 
@@ -76,6 +93,8 @@ def main(args: argparse.Namespace, cfg: EngineConfig) -> dict:
             ttfts.append(ttft)
             tpots += steps
         result = _report(engine, args, cfg, device, ttfts, tpots)
+        if args.profile:
+            result["profile"] = profile_decode(engine, args, device)
     finally:
         engine.shutdown()
     write_result(result, args.output_json)

@@ -34,9 +34,12 @@ def graph_buckets(max_batch: int) -> list[int]:
 
 
 def decode_splits(batch: int, kv_heads: int, max_model_len: int, sms: int) -> int:
-    """Context splits per (sequence, KV head) so that about two programs run per SM, at most one per 256 tokens."""
-    want = -(-2 * sms // max(1, batch * kv_heads))
-    return max(1, min(want, 16, -(-max_model_len // 256)))
+    """Context splits per (sequence, KV head), a power of two: about two programs per SM, at most one per 256 tokens."""
+    want = min(-(-2 * sms // max(1, batch * kv_heads)), 16, -(-max_model_len // 256))
+    splits = 1
+    while splits * 2 <= want:
+        splits *= 2
+    return splits
 
 
 class DecodeGraphs:
@@ -44,12 +47,16 @@ class DecodeGraphs:
         self.model, self.block_size, self.scratch = model, block_size, scratch_block
         self.max_blocks = -(-max_model_len // block_size)
         self.buckets = graph_buckets(max_batch)
-        n = self.buckets[-1]
-        self.ids = torch.zeros(n, dtype=torch.long, device=device)
-        self.positions = torch.zeros(n, dtype=torch.long, device=device)
-        self.slots = torch.zeros(n, dtype=torch.long, device=device)
-        self.seq_lens = torch.ones(n, dtype=torch.long, device=device)
-        self.tables = torch.full((n, self.max_blocks), scratch_block, dtype=torch.long, device=device)
+        n = self.n = self.buckets[-1]
+        # Every input in one flat buffer: [ids | positions | slots | seq_lens | block tables], so a step is one copy
+        # from one pinned host buffer. Padding rows are filled on the host too: no device work before the replay.
+        self.buf = torch.zeros(n * (4 + self.max_blocks), dtype=torch.long, device=device)
+        self.host = torch.zeros_like(self.buf, device="cpu").pin_memory()
+        self.host_np = self.host.numpy()
+        self.host_tables = self.host[4 * n :].view(n, self.max_blocks)
+        self.copied = torch.cuda.Event()
+        self.ids, self.positions, self.slots, self.seq_lens = self.buf[: 4 * n].view(4, n)
+        self.tables = self.buf[4 * n :].view(n, self.max_blocks)
         self.query_start = torch.arange(n + 1, dtype=torch.long, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
@@ -70,10 +77,11 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        self._reset_padding(0)
+        self._fill(StepInputs([], [], [], [], [], []))
+        self.buf.copy_(self.host)
         pool = torch.cuda.graph_pool_handle()
         for b in reversed(self.buckets):  # largest first, so smaller graphs reuse its memory pool
-            self._forward(b)  # warm-up: Triton compiles, NCCL sets up, outside capture
+            self._forward(b)  # warm-up: Triton compiles and tunes, NCCL sets up, outside capture
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
@@ -84,25 +92,27 @@ class DecodeGraphs:
     def bucket_for(self, n: int) -> int | None:
         return next((b for b in self.buckets if b >= n), None)
 
-    def _reset_padding(self, start: int) -> None:
-        self.ids[start:] = 0
-        self.positions[start:] = 0
-        self.slots[start:] = self.scratch * self.block_size
-        self.seq_lens[start:] = 1
-        self.tables[start:] = self.scratch
+    def _fill(self, x: StepInputs) -> None:
+        """Write the step (and padding rows that point at the scratch block) into the pinned host buffer."""
+        n, k, h = len(x.ids), self.n, self.host_np
+        for row, values, pad in ((0, x.ids, 0), (1, x.positions, 0), (2, x.slots, self.scratch * self.block_size),
+                                 (3, x.seq_lens, 1)):
+            h[row * k : row * k + n] = values
+            h[row * k + n : (row + 1) * k] = pad
+        tables = h[4 * k :].reshape(k, self.max_blocks)
+        for i, t in enumerate(x.tables):
+            tables[i, : len(t)] = t
+        tables[n:, 0] = self.scratch
 
     def run(self, x: StepInputs) -> torch.Tensor:
         """B decode rows -> logits [B, vocab]."""
-        n = len(x.ids)
-        b = self.bucket_for(n)
-        width = max(len(t) for t in x.tables)
-        host = torch.tensor([x.ids, x.positions, x.slots, x.seq_lens], dtype=torch.long).pin_memory()
-        padded = torch.tensor([t + [self.scratch] * (width - len(t)) for t in x.tables], dtype=torch.long)
-        self.ids[:n].copy_(host[0], non_blocking=True)
-        self.positions[:n].copy_(host[1], non_blocking=True)
-        self.slots[:n].copy_(host[2], non_blocking=True)
-        self.seq_lens[:n].copy_(host[3], non_blocking=True)
-        self.tables[:n, :width].copy_(padded.pin_memory(), non_blocking=True)
-        self._reset_padding(n)
+        self.copied.synchronize()  # the previous step's copy has left the host buffer
+        self._fill(x)
+        width = max(len(t) for t in x.tables)  # only the used columns of the tables travel
+        k = self.n
+        self.buf[: 4 * k].copy_(self.host[: 4 * k], non_blocking=True)
+        self.tables[:, :width].copy_(self.host_tables[:, :width], non_blocking=True)
+        self.copied.record()
+        b = self.bucket_for(len(x.ids))
         self.graphs[b].replay()
-        return self.logits[b][:n]
+        return self.logits[b][: len(x.ids)]

@@ -146,6 +146,8 @@ class ModelRunner:
             max_seq_len=max(x.seq_lens),
             backend=self.backend,
         )
+        if self.backend == "triton" and x.query_lens == x.seq_lens:
+            meta.fresh_query_start = [0, *itertools.accumulate(x.query_lens)]
         if self.backend == "torch":
             meta.prepare_reference(self.cfg.block_size)
         return as_tensor(x.ids), as_tensor(x.positions), meta

@@ -52,17 +52,19 @@ class OutputProcessor:
 
     def append_token(self, seq: Sequence, out: SeqOutput, token: int, lp: TokenLogprobs | None) -> None:
         """Extend the sequence by one token and decide whether it has finished (sets seq.finish_reason)."""
-        seq.output_token_ids.append(token)
+        seq.append_token(token)
         if lp is not None:
             out.logprobs.append(self.to_position(lp))
             out.cumulative_logprob += lp.logprobs[0]
         p = seq.params
-        n_out = len(seq.output_token_ids)
+        n_out = seq.num_output_tokens
         stop_token = n_out > p.min_tokens and (
             token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)
         )
-        shown = seq.output_token_ids[:-1] if stop_token and not p.include_stop_str_in_output else seq.output_token_ids
-        previous, out.text = out.text, self.decode(shown, p.skip_special_tokens)
+        previous = out.text
+        if self.tokenizer is not None:
+            shown = seq.output_token_ids[:-1] if stop_token and not p.include_stop_str_in_output else seq.output_token_ids
+            out.text = self.decode(shown, p.skip_special_tokens)
         if stop_token:
             seq.finish_reason, seq.stop_reason = "stop", token if token in p.stop_token_ids else None
         elif n_out > p.min_tokens and self._stop_string(seq, out, len(previous)):

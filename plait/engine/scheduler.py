@@ -76,7 +76,7 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            plan.new_seqs.append(SeqData(seq.seq_id, seq.token_ids, seq.prompt_len, seq.params))
+            plan.new_seqs.append(SeqData(seq.seq_id, list(seq.token_ids), seq.prompt_len, seq.params))
             plan.seqs.append(self._scheduled(seq, n))
             budget -= n
         return budget

@@ -14,6 +14,8 @@ Both are checked against the PyTorch reference in `plait.layers.attention` (CPU 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -26,6 +28,7 @@ def _decode_kernel(
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
     scale,
     BLOCK_SIZE: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(SEQ_LENS + b)
@@ -47,13 +50,13 @@ def _decode_kernel(
         off = blk.to(tl.int64) * stride_kb + (n % BLOCK_SIZE) * stride_ks + kvh * stride_kh
         k = tl.load(K + off[:, None] + d[None, :], mask=nmask[:, None], other=0.0)  # [BLOCK_N, D]
         v = tl.load(V + off[:, None] + d[None, :], mask=nmask[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale  # [G, BLOCK_N]
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [G, BLOCK_N]
         s = tl.where(nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -61,6 +64,15 @@ def _decode_kernel(
     o_ptr = O_PART + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + d[None, :]
     tl.store(o_ptr, out, mask=gmask[:, None])
     tl.store(LSE_PART + b * stride_lb + heads * stride_lh + split, lse, mask=gmask)
+
+
+# On the GPU the decode kernel's tile is tuned once per shape (outside graph capture: the first, warm-up call).
+# The interpreter has no device to time, so it runs one fixed tile.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_DECODE_CONFIGS = [
+    triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=st) for n, w, st in ((32, 4, 2), (64, 4, 2), (64, 4, 3), (128, 8, 2))
+]
+_decode = _decode_kernel if _INTERPRET else triton.autotune(_DECODE_CONFIGS, key=["G", "D", "BLOCK_SIZE", "NUM_SPLITS"])(_decode_kernel)
 
 
 def paged_decode(
@@ -81,17 +93,36 @@ def paged_decode(
     _, block_size, num_kv, _ = k_cache.shape
     o_part = torch.empty(B, H, num_splits, D, dtype=torch.float32, device=q.device)
     lse = torch.empty(B, H, num_splits, dtype=torch.float32, device=q.device)
-    _decode_kernel[(B, num_kv, num_splits)](
+    _decode[(B, num_kv, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, q_first, q_count, o_part, lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
         scale,
-        BLOCK_SIZE=block_size, D=D, G=max(16, triton.next_power_of_2(max_group)), BLOCK_N=32, NUM_SPLITS=num_splits,
+        BLOCK_SIZE=block_size, D=D, G=max(16, triton.next_power_of_2(max_group)), NUM_SPLITS=num_splits,
+        PRECISION=_precision(q), **({"BLOCK_N": 32} if _INTERPRET else {}),
     )
-    if num_splits == 1:
-        return o_part[:, :, 0].to(q.dtype)
-    weights = torch.softmax(lse, dim=-1).nan_to_num_(0.0)  # [B, H, S]; a context shorter than S leaves empty splits
-    return (o_part * weights.unsqueeze(-1)).sum(2).to(q.dtype)
+    out = torch.empty_like(q)
+    _merge_splits_kernel[(B, H)](o_part, lse, out, o_part.stride(0), o_part.stride(1), o_part.stride(2),
+                                 lse.stride(0), lse.stride(1), out.stride(0), out.stride(1), D=D, NUM_SPLITS=num_splits)
+    return out
+
+
+@triton.jit
+def _merge_splits_kernel(O_PART, LSE, OUT, stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_b, stride_h,
+                         D: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """Combine the splits of one (sequence, head) by their log-sum-exp; empty splits (lse = -inf) weigh 0."""
+    b, h = tl.program_id(0), tl.program_id(1)
+    sp, d = tl.arange(0, NUM_SPLITS), tl.arange(0, D)
+    lse = tl.load(LSE + b * stride_lb + h * stride_lh + sp)
+    w = tl.exp(lse - tl.max(lse, 0))
+    o = tl.load(O_PART + b * stride_ob + h * stride_oh + sp[:, None] * stride_os + d[None, :])
+    out = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
+    tl.store(OUT + b * stride_b + h * stride_h + d, out.to(OUT.dtype.element_ty))
+
+
+def _precision(q: torch.Tensor) -> str:
+    """fp32 runs must stay fp32 (parity tests); Triton's default would use TF32 on the GPU."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
 @triton.jit
@@ -99,7 +130,7 @@ def _prefill_kernel(
     Q, K, V, O, BT, QUERY_START, SEQ_LENS, KV_INDEX,
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt, stride_ot, stride_oh,
     scale,
-    BLOCK_SIZE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     tile, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start = tl.load(QUERY_START + b)
@@ -125,13 +156,13 @@ def _prefill_kernel(
         off = blk.to(tl.int64) * stride_kb + (n % BLOCK_SIZE) * stride_ks + kvh * stride_kh
         k = tl.load(K + off[:, None] + d[None, :], mask=nmask[:, None], other=0.0)
         v = tl.load(V + off[:, None] + d[None, :], mask=nmask[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale  # [BLOCK_M, BLOCK_N]
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_M, BLOCK_N]
         s = tl.where(nmask[None, :] & (n[None, :] <= q_pos[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     out = acc / l_i[:, None]
     tl.store(O + (q_start + m)[:, None] * stride_ot + h * stride_oh + d[None, :], out.to(O.dtype.element_ty), mask=mmask[:, None])
@@ -159,6 +190,7 @@ def paged_prefill(
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
         scale,
-        BLOCK_SIZE=block_size, D=D, BLOCK_M=block_m, BLOCK_N=64 if q.is_cuda else 16,
+        BLOCK_SIZE=block_size, D=D, BLOCK_M=block_m, BLOCK_N=64 if q.is_cuda else 16, PRECISION=_precision(q),
+        **({"num_warps": 8, "num_stages": 3} if q.is_cuda else {}),
     )
     return out

@@ -82,3 +82,45 @@ def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: to
     T, H, D = x.shape
     _rotary_kernel[(T,)](x, cos, sin, positions, x.stride(0), x.stride(1), HALF=D // 2, BLOCK_H=triton.next_power_of_2(H), H=H)
     return x
+
+
+@triton.jit
+def _rope_store_kernel(Q, K, V, KC, VC, COS, SIN, POS, SLOTS, stride_qt, stride_qh, stride_kt, stride_kh,
+                       stride_vt, stride_vh, stride_cs, stride_ch,
+                       HQ, HKV, HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr):
+    t = tl.program_id(0)
+    pos, slot = tl.load(POS + t), tl.load(SLOTS + t).to(tl.int64)
+    d = tl.arange(0, HALF)[None, :]
+    cos, sin = tl.load(COS + pos * HALF + d), tl.load(SIN + pos * HALF + d)
+    hq = tl.arange(0, BLOCK_HQ)[:, None]
+    qm = hq < HQ
+    qp = Q + t * stride_qt + hq * stride_qh + d
+    q1, q2 = tl.load(qp, mask=qm, other=0.0).to(tl.float32), tl.load(qp + HALF, mask=qm, other=0.0).to(tl.float32)
+    tl.store(qp, (q1 * cos - q2 * sin).to(Q.dtype.element_ty), mask=qm)
+    tl.store(qp + HALF, (q2 * cos + q1 * sin).to(Q.dtype.element_ty), mask=qm)
+    hk = tl.arange(0, BLOCK_HKV)[:, None]
+    km = hk < HKV
+    kp = K + t * stride_kt + hk * stride_kh + d
+    k1, k2 = tl.load(kp, mask=km, other=0.0).to(tl.float32), tl.load(kp + HALF, mask=km, other=0.0).to(tl.float32)
+    cp = slot * stride_cs + hk * stride_ch + d
+    r1, r2 = (k1 * cos - k2 * sin).to(KC.dtype.element_ty), (k2 * cos + k1 * sin).to(KC.dtype.element_ty)
+    tl.store(KC + cp, r1, mask=km)
+    tl.store(KC + cp + HALF, r2, mask=km)
+    tl.store(kp, r1, mask=km)  # k rotated in place too: a fresh prompt's attention reads it without the cache
+    tl.store(kp + HALF, r2, mask=km)
+    vp = V + t * stride_vt + hk * stride_vh + d
+    tl.store(VC + cp, tl.load(vp, mask=km, other=0.0), mask=km)
+    tl.store(VC + cp + HALF, tl.load(vp + HALF, mask=km, other=0.0), mask=km)
+
+
+def rope_store_kv(q, k, v, k_cache, v_cache, cos, sin, positions, slots) -> None:
+    """Rotate q and k in place and write k and v into the paged cache at `slots`: one launch per layer.
+    q: [T, Hq, D], k/v: [T, Hkv, D] (strided views are fine); caches: [num_blocks, block_size, Hkv, D]."""
+    T, HQ, D = q.shape
+    HKV = k.shape[1]
+    kc, vc = k_cache.view(-1, HKV, D), v_cache.view(-1, HKV, D)
+    _rope_store_kernel[(T,)](
+        q, k, v, kc, vc, cos, sin, positions, slots, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        v.stride(0), v.stride(1), kc.stride(0), kc.stride(1), HQ, HKV,
+        HALF=D // 2, BLOCK_HQ=triton.next_power_of_2(HQ), BLOCK_HKV=triton.next_power_of_2(HKV),
+    )

@@ -26,6 +26,7 @@ class AttentionMetadata:
     max_seq_len: int
     backend: str = "torch"  # "torch" (reference, any device) | "triton" (GPU kernels, or the Triton interpreter)
     num_splits: int = 1  # context splits of the decode kernel
+    fresh_query_start: list[int] | None = None  # host offsets when every sequence is a whole new prompt (no prefix)
 
     @property
     def decode(self) -> bool:
@@ -68,8 +69,9 @@ def reference_attention(q, k_cache, v_cache, meta: AttentionMetadata, kv_index: 
 class PagedAttention(nn.Module):
     """Causal attention of the step's queries over each sequence's cached keys and values."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, kv_index: list[int]):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, kv_index: list[int], rope=None):
         super().__init__()
+        self.rope = rope  # rotary embedding applied to q and k before the cache write (None: already applied)
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim**-0.5
         # Query head -> local KV head; uneven head splits make this an arbitrary (but monotone) map, not a repeat.
@@ -80,13 +82,23 @@ class PagedAttention(nn.Module):
         self.max_group = int(counts.max())
         self.kv_cache: torch.Tensor | None = None  # [2, num_blocks, block_size, kv_heads, D], set by the model runner
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """q: [T, heads, D], k/v: [T, kv_heads, D] -> [T, heads * D]."""
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """q: [T, heads, D], k/v: [T, kv_heads, D], positions: [T] -> [T, heads * D]."""
         k_cache, v_cache = self.kv_cache[0], self.kv_cache[1]
-        k_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = k
-        v_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = v
+        if q.is_cuda and self.rope is not None:
+            from plait.kernels.fused import rope_store_kv
+
+            rope_store_kv(q, k, v, k_cache, v_cache, self.rope.cos, self.rope.sin, positions, meta.slot_mapping)
+        else:
+            if self.rope is not None:
+                q, k = self.rope(positions, q, k)
+            k_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = k
+            v_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = v
         if meta.backend == "torch":
             out = reference_attention(q, k_cache, v_cache, meta, self.kv_index, self.scale)
+        elif meta.fresh_query_start is not None:
+            out = _fresh_prompts_attention(q, k, v, meta.fresh_query_start, self.kv_index, self.scale)
         elif meta.decode:
             from plait.kernels.attention import paged_decode
 
@@ -98,3 +110,15 @@ class PagedAttention(nn.Module):
             out = paged_prefill(q, k_cache, v_cache, meta.block_tables, meta.query_start, meta.seq_lens,
                                 self.kv_index, meta.max_query_len, self.scale)
         return out.flatten(1)
+
+
+def _fresh_prompts_attention(q, k, v, starts: list[int], kv_index: torch.Tensor, scale: float) -> torch.Tensor:
+    """Whole new prompts need no cache reads: PyTorch's flash attention, causal, one sequence at a time.
+    q: [T, heads, D], k/v: [T, kv_heads, D] (rotated) -> [T, heads, D]."""
+    k, v = k[:, kv_index], v[:, kv_index]  # [T, heads, D]: each query head's KV head (any uneven split)
+    out = torch.empty_like(q)
+    for a, b in zip(starts, starts[1:]):
+        out[a:b] = nn.functional.scaled_dot_product_attention(
+            q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), is_causal=True, scale=scale
+        ).transpose(0, 1)
+    return out

@@ -24,7 +24,7 @@ class Attention(nn.Module):
         super().__init__()
         D = cfg.head_dim
         heads = plan.heads(cfg.num_heads, cfg.num_kv_heads)
-        self.num_q, self.num_kv, self.head_dim, self.rope = heads.num_q, heads.num_kv, D, rope
+        self.num_q, self.num_kv, self.head_dim = heads.num_q, heads.num_kv, D
         self.qkv_proj = ColumnParallelLinear(
             cfg.hidden_size,
             [
@@ -37,7 +37,7 @@ class Attention(nn.Module):
         self.o_proj = RowParallelLinear(cfg.num_heads * D, cfg.hidden_size, (heads.q_start * D, heads.q_end * D), plan.comm, cfg.o_bias)
         self.q_norm = RMSNorm(D, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(D, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.attn = PagedAttention(heads.num_q, heads.num_kv, D, heads.kv_index())
+        self.attn = PagedAttention(heads.num_q, heads.num_kv, D, heads.kv_index(), rope)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split(self.qkv_proj.output_sizes, dim=-1)
@@ -46,8 +46,7 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rope(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, meta))
+        return self.o_proj(self.attn(q, k, v, positions, meta))
 
 
 class MLP(nn.Module):
