@@ -1,28 +1,31 @@
 #!/usr/bin/env bash
 # The core's GPU checks and speed benchmarks in one device call (Llama-3.1-8B shape, dummy weights, bf16).
-# Usage on the device: OUT=/some/dir bash benchmarks/gpu_core.sh [quick]
+# Usage on the device: OUT=/some/dir bash benchmarks/gpu_core.sh
 set -u
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD PLAIT_COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 B="python3 -m plait.cli bench latency llama3-8b --dtype bfloat16 --device cuda"
 ngpu=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 
-timeout 300 python3 -m pytest -q -m gpu tests/gpu tests/test_triton_attention.py tests/test_fused_kernels.py -p no:cacheprovider 2>&1 | tail -4
-timeout 200 $B --batch-size 1 --input-len 128 --output-len 256 --num-iters 3 --max-num-seqs 8 --output-json "$OUT/latency_tp1_bs1.json" | tail -4
+timeout 240 python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider --tb=short > "$OUT/pytest_gpu.log" 2>&1
+timeout 120 python3 -m pytest -q tests/test_triton_attention.py tests/test_fused_kernels.py -p no:cacheprovider --tb=short > "$OUT/pytest_kernels.log" 2>&1
+tail -3 "$OUT/pytest_gpu.log" "$OUT/pytest_kernels.log"
+timeout 200 $B --batch-size 1 --input-len 128 --output-len 256 --num-iters 3 --max-num-seqs 8 --profile --output-json "$OUT/latency_tp1_bs1.json" | tail -26
 timeout 200 $B --batch-size 64 --input-len 512 --output-len 192 --num-iters 2 --max-num-seqs 64 --output-json "$OUT/latency_tp1_bs64.json" | tail -4
 timeout 200 $B --batch-size 1 --input-len 8192 --output-len 2 --num-iters 3 --max-num-seqs 1 --output-json "$OUT/latency_tp1_prefill8k.json" | tail -4
 if [ "$ngpu" -ge 2 ]; then
   timeout 200 $B --tp 2 --batch-size 1 --input-len 128 --output-len 256 --num-iters 3 --max-num-seqs 8 --output-json "$OUT/latency_tp2_bs1.json" | tail -4
+  timeout 200 $B --tp 2 --all-reduce-backend nccl --batch-size 1 --input-len 128 --output-len 256 --num-iters 3 --max-num-seqs 8 --output-json "$OUT/latency_tp2_bs1_nccl.json" | tail -4
 fi
-timeout 240 python3 benchmarks/hf_compare.py --preset llama3-8b --output-json "$OUT/hf_compare_tp1.json" 2>&1 | tail -2
+[ -n "${HF:-}" ] && timeout 240 python3 benchmarks/hf_compare.py --preset llama3-8b --output-json "$OUT/hf_compare_tp1.json" 2>&1 | tail -2
 python3 - "$OUT" <<'PY'
 import json, pathlib, sys
 for f in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
     r = json.loads(f.read_text())
     if r["benchmark"] == "latency":
         fl = r.get("floors", {})
-        print(f"{f.stem:24s} TTFT {r['ttft_ms']['median']:9.2f} ms (floor {fl.get('prefill_ms', 0):8.2f})  TPOT {r['tpot_ms']['median']:7.3f} ms (floor {fl.get('decode_ms', 0):6.3f}, x{fl.get('tpot_over_floor', 0):.2f})")
+        print(f"{f.stem:26s} TTFT {r['ttft_ms']['median']:8.2f} ms (floor {fl.get('prefill_ms', 0):7.2f})  TPOT {r['tpot_ms']['median']:7.3f} ms (floor {fl.get('decode_ms', 0):6.3f}, x{fl.get('tpot_over_floor', 0):.2f}) ar {fl.get('all_reduce_us', 0):.1f}us")
     else:
-        print(f"{f.stem:24s} HF TPOT {r['tpot_ms']:.2f} ms  prefill {r['prefill_ms']:.1f} ms")
+        print(f"{f.stem:26s} HF TPOT {r['tpot_ms']:.2f} ms  prefill {r['prefill_ms']:.1f} ms")
 PY

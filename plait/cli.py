@@ -1,4 +1,5 @@
-"""`plait` command line. Engine flags come from EngineConfig's fields (name, default and help in one place)."""
+"""`plait` command line: generate, serve, bench. Engine and server flags come from the fields of EngineConfig and
+ServerConfig (name, default and help in one place)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import sys
 import types
 import typing
 
+from plait.bench.serve_args import add_bench_serve_args
 from plait.config import EngineConfig
 from plait.sampling_params import SamplingParams
+from plait.server.config import ServerConfig
 
 _ALIASES = {"tensor_parallel_size": ["--tp", "-tp"]}
 
@@ -20,17 +23,26 @@ def _flag_type(tp):
     return args[0]
 
 
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("engine")
-    group.add_argument("model_pos", nargs="?", metavar="MODEL", help="same as --model")
-    hints = typing.get_type_hints(EngineConfig)
-    for f in dataclasses.fields(EngineConfig):
-        names = [f"--{f.name.replace('_', '-')}", *_ALIASES.get(f.name, [])]
+def add_config_args(group: argparse._ArgumentGroup, cls: type, aliases: dict[str, list[str]] | None = None) -> None:
+    """One flag per field of a config dataclass: `--field-name`, its type, default and help from the field."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        names = [f"--{f.name.replace('_', '-')}", *(aliases or {}).get(f.name, [])]
         kind = _flag_type(hints[f.name])
         if kind is bool:
             group.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata.get("help"))
         else:
             group.add_argument(*names, dest=f.name, type=kind, default=f.default, help=f.metadata.get("help"))
+
+
+def config_from_args(cls: type, args: argparse.Namespace):
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine")
+    group.add_argument("model_pos", nargs="?", metavar="MODEL", help="same as --model")
+    add_config_args(group, EngineConfig, _ALIASES)
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -66,6 +78,25 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from plait.server.launch import run_server
+
+    return run_server(engine_config_from_args(args), config_from_args(ServerConfig, args))
+
+
+def _bench_serve(args: argparse.Namespace) -> int:
+    from plait.bench.serve import main as bench_serve
+
+    return bench_serve(args)
+
+
+def _add_serve(sub) -> None:
+    serve = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
+    add_engine_args(serve)
+    add_config_args(serve.add_argument_group("server"), ServerConfig)
+    serve.set_defaults(func=_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plait", description="plait: multi-GPU LLM inference")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=-1)
     gen.add_argument("--sampling-seed", type=int, default=None)
     gen.set_defaults(func=_generate)
+    _add_serve(sub)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     latency = bench.add_parser("latency", help="fixed batch: TTFT and TPOT against the hardware floor")
@@ -88,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_latency_args(latency)
     latency.set_defaults(func=_bench_latency)
+    bench_serve = bench.add_parser("serve", help="load an OpenAI-compatible server and print vLLM's serving metrics")
+    add_bench_serve_args(bench_serve)
+    bench_serve.set_defaults(func=_bench_serve)
     return parser
 
 

@@ -90,6 +90,8 @@ class EngineConfig:
     kv_cache_memory_bytes: int | None = _help("KV-cache size per rank in bytes (default on CPU: 1 GiB).", default=None)
     num_gpu_blocks_override: int | None = _help("Force the number of KV-cache blocks (tests, debugging).", default=None)
     attention_backend: str = _help("auto | torch (reference) | triton (paged kernels); auto = triton on GPU.", default="auto")
+    all_reduce_backend: str = _help("auto | nccl | symm_mem (P2P one/two-shot for messages up to 4 MB; auto = symm_mem on GPU).",
+                                    default="auto")
     enforce_eager: bool = _help("Never replay decode steps from CUDA graphs.", default=False)
     seed: int = _help("Seed for dummy weights and for requests without their own seed.", default=0)
     master_port: int | None = _help("Port of the process-group rendezvous (default: a free one).", default=None)
@@ -101,6 +103,8 @@ class EngineConfig:
             raise ValueError(f"device must be cpu, cuda or auto; got {self.device!r}")
         if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
             raise ValueError(f"load_format must be auto, safetensors, gguf or dummy; got {self.load_format!r}")
+        if self.all_reduce_backend not in ("auto", "nccl", "symm_mem"):
+            raise ValueError(f"all_reduce_backend must be auto, nccl or symm_mem; got {self.all_reduce_backend!r}")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be auto, torch or triton; got {self.attention_backend!r}")
         ParallelConfig(self.tensor_parallel_size)

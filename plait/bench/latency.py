@@ -119,9 +119,13 @@ def _report(engine, args, cfg, device, ttfts, tpots) -> dict:
         bw, rate = floors.hbm_bandwidth(), floors.matmul_rate()
         mean_ctx = args.input_len + args.output_len / 2
         decode_floor = floors.decode_floor_s(m, itemsize, int(args.batch_size * mean_ctx), tp, bw)
+        if tp > 1:  # the floor of TP adds two all-reduces per layer at the measured small-message latency
+            all_reduce_s = engine.executor.call("all_reduce_latency")[0]
+            decode_floor += 2 * m.num_layers * all_reduce_s
         prefill_floor = floors.prefill_flops(m, [args.input_len] * args.batch_size) / tp / rate
         result["floors"] = {
             "hbm_bandwidth_tb_s": bw / 1e12, "matmul_tflop_s": rate / 1e12,
+            "all_reduce_us": all_reduce_s * 1e6 if tp > 1 else 0.0,
             "decode_ms": decode_floor * 1e3, "prefill_ms": prefill_floor * 1e3,
             "tpot_over_floor": result["tpot_ms"]["median"] / (decode_floor * 1e3),
             "ttft_over_floor": result["ttft_ms"]["median"] / (prefill_floor * 1e3),

@@ -36,6 +36,7 @@ class Communicator:
         assert (group is None) == (size == 1), "a group of one rank needs no process group, and only it"
         self.group, self.rank, self.size = group, rank, size
         self.recorder: CommRecorder | None = None
+        self.symm_buffer: torch.Tensor | None = None  # symmetric-memory staging buffer for small all-reduces
 
     @classmethod
     def single(cls) -> "Communicator":
@@ -45,13 +46,62 @@ class Communicator:
         if self.recorder is not None:
             self.recorder.add(op, self.size, t)
 
+    def enable_symm_mem(self, max_numel: int, dtype: torch.dtype, device: torch.device) -> bool:
+        """Allocate and rendezvous (once, eagerly: it cannot be captured) a buffer for P2P all-reduces of up to
+        `max_numel` elements. NVLink multicast is never used: only the one-shot / two-shot P2P kernels.
+        Returns False, leaving NCCL in charge, where symmetric memory is unavailable."""
+        try:
+            import torch.distributed._symmetric_memory as symm_mem
+
+            buf = symm_mem.empty(max_numel, dtype=dtype, device=device)
+            symm_mem.rendezvous(buf, self.group.group_name)
+        except (ImportError, RuntimeError):
+            return False
+        self.symm_buffer = buf
+        return True
+
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum over ranks, in place; returns x so call sites read as expressions."""
+        """Sum over ranks; returns the sum (in x for NCCL and gloo). Small messages on GPU go through symmetric
+        memory P2P (one-shot up to 256 KB, two-shot above), which beats NCCL below a few MB (../shared/DEVICE.md)."""
         if self.size == 1:
             return x
         self._record("all_reduce", x)
+        buf = self.symm_buffer
+        if buf is not None and x.numel() <= buf.numel() and x.dtype == buf.dtype:
+            staged = buf[: x.numel()]
+            staged.copy_(x.reshape(-1))
+            if x.numel() * x.element_size() <= 256 * 1024:
+                return torch.ops.symm_mem.one_shot_all_reduce(staged, "sum", self.group.group_name).view(x.shape)
+            torch.ops.symm_mem.two_shot_all_reduce_(staged, "sum", self.group.group_name)
+            return x.copy_(staged.view(x.shape))
         dist.all_reduce(x, group=self.group)
         return x
+
+    def time_all_reduce(self, numel: int, dtype: torch.dtype, device: torch.device, ops: int = 20) -> float:
+        """Seconds per all-reduce of `numel` elements, as decode runs them: captured `ops` at a time in a CUDA graph."""
+        x = torch.ones(numel, dtype=dtype, device=device)
+        if device.type != "cuda":
+            import time
+
+            start = time.perf_counter()
+            for _ in range(ops):
+                self.all_reduce(x.clone())
+            return (time.perf_counter() - start) / ops
+        for _ in range(3):
+            self.all_reduce(x.clone())
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(ops):
+                self.all_reduce(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3 / (10 * ops)
 
     def all_gather(self, x: torch.Tensor, sizes: list[int], dim: int = -1) -> torch.Tensor:
         """Concatenate every rank's x along `dim`. Shards may differ in size (uneven splits): `sizes[r]` is

@@ -24,6 +24,7 @@ from plait.models.weights import init_dummy_weights, load_weights
 from plait.parallel.tensor import TensorParallel
 
 _CPU_KV_BYTES = 1 << 30
+_SYMM_MEM_BYTES = 4 << 20  # all-reduces up to this size use symmetric memory; NCCL is as fast above (DEVICE.md)
 
 
 class ModelRunner:
@@ -39,6 +40,10 @@ class ModelRunner:
         self.backend = cfg.resolved_attention_backend()
         self.sampler = Sampler(self.device, eos_token_ids, cfg.seed) if comm.rank == 0 else None
         self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and comm.size > 1 and cfg.all_reduce_backend != "nccl":
+            ok = comm.enable_symm_mem(_SYMM_MEM_BYTES // self.dtype.itemsize, self.dtype, self.device)
+            if not ok and cfg.all_reduce_backend == "symm_mem":
+                raise ValueError("all_reduce_backend='symm_mem' was asked for but symmetric memory is unavailable here")
         self.mirrors: dict[int, tuple[list[int], object, int]] = {}  # seq_id -> (tokens, params, prompt_len)
 
     def _load_model(self, src, max_model_len: int) -> LlamaForCausalLM:
@@ -55,6 +60,10 @@ class ModelRunner:
         else:
             load_weights(model, iter_weights(src))
         return model.eval()
+
+    def all_reduce_latency(self) -> float:
+        """Seconds per all-reduce of one token's hidden state, the message of a batch-1 decode step."""
+        return self.comm.time_all_reduce(self.model_cfg.hidden_size, self.dtype, self.device)
 
     def kv_bytes_per_block(self) -> int:
         attn = self.model.attention_layers()[0]

@@ -40,6 +40,8 @@ def handle(runner: ModelRunner, cmd: str, arg):
         return runner.allocate_kv_cache(arg)
     if cmd == "execute":
         return runner.execute(arg)
+    if cmd == "all_reduce_latency":
+        return runner.all_reduce_latency()
     raise ValueError(f"unknown command {cmd!r}")
 
 

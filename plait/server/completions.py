@@ -1,0 +1,82 @@
+"""POST /v1/completions: one engine request per prompt, n choices each; streamed as server-sent events or not."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from plait.outputs import CompletionOutput
+from plait.server.errors import APIError
+from plait.server.protocol import CompletionRequest
+from plait.server.state import ServerState
+from plait.server.streaming import Usage, choice_deltas, event_stream, final_outputs, top_logprobs, until_disconnected
+from plait.server.tokenizer import ServerTokenizer
+
+router = APIRouter()
+
+
+def _prompt_ids(prompt: str | list, tokenizer: ServerTokenizer) -> list[list[int]]:
+    """OpenAI's four prompt shapes: a text, texts, token ids, lists of token ids."""
+    if isinstance(prompt, str):
+        return [tokenizer.encode(prompt)]
+    if not prompt:
+        raise APIError(400, "the prompt is empty: give a text, a list of texts or token ids", "prompt")
+    if isinstance(prompt[0], int):
+        return [list(prompt)]
+    return [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+
+
+def _logprobs(c: CompletionOutput, new: slice, k: int) -> dict:
+    """OpenAI's legacy logprobs object for tokens `new` of one choice; offsets count from the completion's start."""
+    tokens, token_logprobs, tops, offsets = [], [], [], []
+    offset = sum(len(c.logprobs[i][t].decoded_token or "") for i, t in enumerate(c.token_ids[: new.start]))
+    for token_id, position in zip(c.token_ids[new], c.logprobs[new]):
+        chosen = position[token_id]
+        tokens.append(chosen.decoded_token)
+        token_logprobs.append(chosen.logprob)
+        tops.append({lp.decoded_token: lp.logprob for lp in top_logprobs(position, k)})
+        offsets.append(offset)
+        offset += len(chosen.decoded_token or "")
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _choice(index: int, text: str, c: CompletionOutput, new: slice, k: int | None) -> dict:
+    return {"index": index, "text": text, "logprobs": _logprobs(c, new, k) if k is not None else None,
+            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+
+
+@router.post("/v1/completions")
+async def create_completion(body: CompletionRequest, raw: Request) -> Response:
+    arrival = time.monotonic()
+    server: ServerState = raw.app.state.server
+    server.check_model(body.model)
+    params = body.sampling_params()
+    prompts = [server.check_prompt(ids) for ids in _prompt_ids(body.prompt, server.tokenizer)]
+    server.admit(len(prompts))
+    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": server.model_name}
+    gens = [server.loop.generate(f"{head['id']}-{i}", ids, params, arrival) for i, ids in enumerate(prompts)]
+    if body.stream:
+        return event_stream(_chunks(head, gens, params.n, params.stop, body.logprobs, body.include_usage))
+    finals = await until_disconnected(raw, final_outputs(gens))
+    usage, choices = Usage(), []
+    for i, out in enumerate(finals):
+        usage.add(out)
+        choices += [_choice(i * params.n + c.index, c.text, c, slice(0, len(c.token_ids)), body.logprobs)
+                    for c in out.outputs]
+    return JSONResponse({**head, "choices": choices, "usage": usage.as_dict()})
+
+
+async def _chunks(head: dict, gens: list, n: int, stop: list[str], k: int | None,
+                  include_usage: bool) -> AsyncIterator[dict]:
+    usage = Usage()
+    async with aclosing(choice_deltas(gens, n, stop, usage)) as deltas:
+        async for d in deltas:
+            yield {**head, "choices": [_choice(d.index, d.text, d.output, d.new_tokens, k)]}
+    if include_usage:
+        yield {**head, "choices": [], "usage": usage.as_dict()}

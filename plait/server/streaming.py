@@ -1,0 +1,177 @@
+"""From the engine's cumulative outputs to what each endpoint sends: per-choice deltas, usage, server-sent events.
+
+Both endpoints stream the same way (only the chunk's shape differs), and both wait on several engine requests
+at once: a completions call may carry many prompts, each an engine request with n choices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import TypeVar
+
+from fastapi import Request
+from starlette.background import BackgroundTask
+from starlette.responses import StreamingResponse
+
+from plait.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from plait.server.errors import APIError, error_body
+
+logger = logging.getLogger("plait.server")
+T = TypeVar("T")
+
+
+def top_logprobs(position: PositionLogprobs, k: int) -> list[Logprob]:
+    """The k most likely tokens at one position (the engine also keeps the sampled one, whatever its rank)."""
+    return sorted(position.values(), key=lambda lp: lp.rank or 0)[:k]
+
+
+def _unsettled_tail(text: str, stop: list[str]) -> int:
+    """How many trailing characters may still change: an unfinished UTF-8 character (decoded as U+FFFD until its
+    last byte comes) or the start of a stop string (the engine cuts the text back once the stop completes)."""
+    hold = len(text) - len(text.rstrip("\ufffd"))
+    for s in stop:
+        for k in range(min(len(s) - 1, len(text)), hold, -1):
+            if s.startswith(text[-k:]):
+                hold = k
+                break
+    return hold
+
+
+@dataclass
+class ChoiceDelta:
+    index: int  # the choice's index in the response: prompt * n + choice
+    text: str  # new text since the last delta
+    output: CompletionOutput  # the choice so far (token ids, logprobs, finish reason)
+    new_tokens: slice  # which of output.token_ids are new
+    first: bool  # the first delta of this choice (chat sends the role with it)
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add(self, out: RequestOutput) -> None:
+        self.prompt_tokens += len(out.prompt_token_ids)
+        self.completion_tokens += sum(len(c.token_ids) for c in out.outputs)
+
+    def as_dict(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+class _Cursor:
+    """How much of one choice the client has seen."""
+
+    def __init__(self) -> None:
+        self.chars = self.tokens = 0
+        self.done = False
+
+
+async def choice_deltas(gens: list[AsyncIterator[RequestOutput]], n: int, stop: list[str],
+                        usage: Usage) -> AsyncIterator[ChoiceDelta]:
+    """Each choice's new text and tokens as outputs arrive; `usage` is filled in as requests finish."""
+    cursors: dict[int, _Cursor] = {}
+    async with aclosing(merge(gens)) as outputs:
+        async for prompt_index, out in outputs:
+            for c in out.outputs:
+                index = prompt_index * n + c.index
+                cur = cursors.setdefault(index, _Cursor())
+                if cur.done:
+                    continue
+                finished = c.finish_reason is not None
+                end = len(c.text) if finished else max(cur.chars, len(c.text) - _unsettled_tail(c.text, stop))
+                text, new = c.text[cur.chars:end], slice(cur.tokens, len(c.token_ids))
+                if not text and new.start == new.stop and not finished:
+                    continue
+                first = cur.chars == 0 and cur.tokens == 0
+                cur.chars, cur.tokens, cur.done = end, new.stop, finished
+                yield ChoiceDelta(index, text, c, new, first)
+            if out.finished:
+                usage.add(out)
+
+
+async def merge(gens: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+    """Interleave several generators as their items arrive; closing the merge closes (so aborts) them all."""
+    if len(gens) == 1:
+        async with aclosing(gens[0]) as only:
+            async for item in only:
+                yield 0, item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, gen: AsyncIterator[T]) -> None:
+        try:
+            async with aclosing(gen) as g:
+                async for item in g:
+                    queue.put_nowait((i, item))
+        except Exception as e:
+            queue.put_nowait((i, e))
+        queue.put_nowait((i, done))
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def final_outputs(gens: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
+    """Each request's last (finished) output, in the order of `gens`."""
+    last: list[RequestOutput | None] = [None] * len(gens)
+    async with aclosing(merge(gens)) as outputs:
+        async for i, out in outputs:
+            last[i] = out
+    return last
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await a non-streaming request's work, cancelling it (which aborts its engine requests) if the client leaves."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(request))
+    await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    watch.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise APIError(499, "the client closed the request")
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def event_stream(chunks: AsyncIterator[dict]) -> StreamingResponse:
+    """Server-sent events ending in `[DONE]`; an error after the 200 went out becomes an error event."""
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk)}\n\n"
+        except APIError as e:
+            yield f"data: {json.dumps(e.body())}\n\n"
+        except Exception as e:
+            logger.error("internal error while streaming", exc_info=e)
+            yield f"data: {json.dumps(error_body(500, f'internal server error ({type(e).__name__})'))}\n\n"
+        yield "data: [DONE]\n\n"
+
+    # However the response ends (finished, client gone), closing `chunks` aborts whatever is still running.
+    return StreamingResponse(body(), media_type="text/event-stream", background=BackgroundTask(chunks.aclose))

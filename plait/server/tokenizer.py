@@ -1,0 +1,38 @@
+"""The HTTP side's tokenizer: prompts and chat templates are encoded here, off the engine thread.
+
+It is a copy of the engine's tokenizer, not the same object: a Hugging Face fast tokenizer shared between two
+threads can fail with "Already borrowed", and the engine thread is decoding with its own at the same time.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from plait.server.errors import APIError
+
+
+class ServerTokenizer:
+    def __init__(self, tokenizer, max_model_len: int, vocab_size: int):
+        self._tok = copy.deepcopy(tokenizer) if tokenizer is not None else None
+        self.max_model_len, self.vocab_size = max_model_len, vocab_size
+
+    def _require(self, what: str):
+        if self._tok is None:
+            raise APIError(400, f"this model has no tokenizer, so {what} is not possible: send token ids")
+        return self._tok
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._require("a text prompt").encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids: list[int]) -> str:
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})", param="tokens")
+        return self._require("detokenizing").decode(ids)
+
+    def chat(self, conversation: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        tok = self._require("chat")
+        if not getattr(tok, "chat_template", None):
+            raise APIError(400, "this model's tokenizer has no chat template: use /v1/completions")
+        text = tok.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt, tokenize=False)
+        return tok.encode(text, add_special_tokens=False)
