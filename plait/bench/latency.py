@@ -88,11 +88,17 @@ def main(args: argparse.Namespace, cfg: EngineConfig) -> dict:
         for _ in range(args.num_iters_warmup):
             run_once(engine, args, device)
         ttfts, tpots = [], []
+        if cfg.tensor_parallel_size > 1:
+            engine.executor.call("step_times")
         for _ in range(args.num_iters):
             ttft, steps = run_once(engine, args, device)
             ttfts.append(ttft)
             tpots += steps
         result = _report(engine, args, cfg, device, ttfts, tpots)
+        if cfg.tensor_parallel_size > 1:  # time inside each rank's execute vs the driver's step: the rest is IPC
+            times = engine.executor.call("step_times")
+            result["rank_execute_ms"] = [t.execute_s / max(t.steps, 1) * 1e3 for t in times]
+            print(f"  per-step time inside execute, by rank: {[round(v, 3) for v in result['rank_execute_ms']]} ms")
         if args.profile:
             result["profile"] = profile_decode(engine, args, device)
     finally:

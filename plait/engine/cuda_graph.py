@@ -34,8 +34,8 @@ def graph_buckets(max_batch: int) -> list[int]:
 
 
 def decode_splits(batch: int, kv_heads: int, max_model_len: int, sms: int) -> int:
-    """Context splits per (sequence, KV head), a power of two: about two programs per SM, at most one per 256 tokens."""
-    want = min(-(-2 * sms // max(1, batch * kv_heads)), 16, -(-max_model_len // 256))
+    """Context splits per (sequence, KV head), a power of two: about two programs per SM, at most one per 128 tokens."""
+    want = min(-(-2 * sms // max(1, batch * kv_heads)), 16, -(-max_model_len // 128))
     splits = 1
     while splits * 2 <= want:
         splits *= 2

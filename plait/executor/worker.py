@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import time
 import traceback
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -15,6 +17,19 @@ from plait.engine.model_runner import ModelRunner
 
 # A collective that waits longer than this means a peer is gone: fail instead of hanging forever.
 COLLECTIVE_TIMEOUT = timedelta(seconds=int(os.environ.get("PLAIT_COLLECTIVE_TIMEOUT", "300")))
+
+
+@dataclass
+class StepTimes:
+    """Seconds a rank spent in `execute` and how many steps: with the driver's step time, where the time goes."""
+
+    execute_s: float = 0.0
+    steps: int = 0
+
+    def add(self, cmd: str, seconds: float) -> None:
+        if cmd == "execute":
+            self.execute_s += seconds
+            self.steps += 1
 
 
 def init_group(cfg: EngineConfig, rank: int, world: int, port: int) -> Communicator:
@@ -52,11 +67,18 @@ def worker_main(cfg: EngineConfig, rank: int, world: int, port: int, init_args: 
         comm = init_group(cfg, rank, world, port)
         runner = ModelRunner(cfg, comm, **init_args)
         conn.send(("ok", None))
+        busy = StepTimes()
         while True:
             cmd, arg = conn.recv()
             if cmd == "shutdown":
                 break
-            conn.send(("ok", handle(runner, cmd, arg)))
+            if cmd == "step_times":  # how long this rank spent inside its steps, since the last ask
+                value, busy = busy, StepTimes()
+            else:
+                start = time.perf_counter()
+                value = handle(runner, cmd, arg)
+                busy.add(cmd, time.perf_counter() - start)
+            conn.send(("ok", value))
     except (KeyboardInterrupt, EOFError):
         return
     except BaseException:  # noqa: BLE001 - reported to the driver, which raises it there

@@ -27,29 +27,30 @@ def _decode_kernel(
     stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
     scale,
-    BLOCK_SIZE: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(SEQ_LENS + b)
     q_first, q_count = tl.load(Q_FIRST + kvh), tl.load(Q_COUNT + kvh)
-    g, d = tl.arange(0, G), tl.arange(0, D)
+    g, d = tl.arange(0, G), tl.arange(0, DP)  # head dim padded to a power of two >= 16 (tl.dot's minimum)
+    dmask = d[None, :] < D
     heads = q_first + g
     gmask = g < q_count
-    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None], other=0.0)  # [G, D]
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None] & dmask, other=0.0)
     per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = split * per_split
     end = tl.minimum(start + per_split, seq_len)
     m_i = tl.full([G], float("-inf"), tl.float32)
     l_i = tl.zeros([G], tl.float32)
-    acc = tl.zeros([G, D], tl.float32)
+    acc = tl.zeros([G, DP], tl.float32)
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         nmask = n < end
         blk = tl.load(BT + b * stride_bt + n // BLOCK_SIZE, mask=nmask, other=0)
         off = blk.to(tl.int64) * stride_kb + (n % BLOCK_SIZE) * stride_ks + kvh * stride_kh
-        k = tl.load(K + off[:, None] + d[None, :], mask=nmask[:, None], other=0.0)  # [BLOCK_N, D]
-        v = tl.load(V + off[:, None] + d[None, :], mask=nmask[:, None], other=0.0)
+        k = tl.load(K + off[:, None] + d[None, :], mask=nmask[:, None] & dmask, other=0.0)  # [BLOCK_N, DP]
+        v = tl.load(V + off[:, None] + d[None, :], mask=nmask[:, None] & dmask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [G, BLOCK_N]
         s = tl.where(nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -62,7 +63,7 @@ def _decode_kernel(
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
     o_ptr = O_PART + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + d[None, :]
-    tl.store(o_ptr, out, mask=gmask[:, None])
+    tl.store(o_ptr, out, mask=gmask[:, None] & dmask)
     tl.store(LSE_PART + b * stride_lb + heads * stride_lh + split, lse, mask=gmask)
 
 
@@ -98,26 +99,31 @@ def paged_decode(
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
         scale,
-        BLOCK_SIZE=block_size, D=D, G=max(16, triton.next_power_of_2(max_group)), NUM_SPLITS=num_splits,
+        BLOCK_SIZE=block_size, D=D, DP=_padded(D), G=max(16, triton.next_power_of_2(max_group)), NUM_SPLITS=num_splits,
         PRECISION=_precision(q), **({"BLOCK_N": 32} if _INTERPRET else {}),
     )
     out = torch.empty_like(q)
     _merge_splits_kernel[(B, H)](o_part, lse, out, o_part.stride(0), o_part.stride(1), o_part.stride(2),
-                                 lse.stride(0), lse.stride(1), out.stride(0), out.stride(1), D=D, NUM_SPLITS=num_splits)
+                                 lse.stride(0), lse.stride(1), out.stride(0), out.stride(1), D=D, DP=_padded(D),
+                                 NUM_SPLITS=num_splits)
     return out
 
 
 @triton.jit
 def _merge_splits_kernel(O_PART, LSE, OUT, stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_b, stride_h,
-                         D: tl.constexpr, NUM_SPLITS: tl.constexpr):
+                         D: tl.constexpr, DP: tl.constexpr, NUM_SPLITS: tl.constexpr):
     """Combine the splits of one (sequence, head) by their log-sum-exp; empty splits (lse = -inf) weigh 0."""
     b, h = tl.program_id(0), tl.program_id(1)
-    sp, d = tl.arange(0, NUM_SPLITS), tl.arange(0, D)
+    sp, d = tl.arange(0, NUM_SPLITS), tl.arange(0, DP)
     lse = tl.load(LSE + b * stride_lb + h * stride_lh + sp)
     w = tl.exp(lse - tl.max(lse, 0))
-    o = tl.load(O_PART + b * stride_ob + h * stride_oh + sp[:, None] * stride_os + d[None, :])
+    o = tl.load(O_PART + b * stride_ob + h * stride_oh + sp[:, None] * stride_os + d[None, :], mask=d[None, :] < D, other=0.0)
     out = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
-    tl.store(OUT + b * stride_b + h * stride_h + d, out.to(OUT.dtype.element_ty))
+    tl.store(OUT + b * stride_b + h * stride_h + d, out.to(OUT.dtype.element_ty), mask=d < D)
+
+
+def _padded(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
 
 
 def _precision(q: torch.Tensor) -> str:
@@ -130,7 +136,8 @@ def _prefill_kernel(
     Q, K, V, O, BT, QUERY_START, SEQ_LENS, KV_INDEX,
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt, stride_ot, stride_oh,
     scale,
-    BLOCK_SIZE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     tile, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start = tl.load(QUERY_START + b)
@@ -141,21 +148,22 @@ def _prefill_kernel(
     prefix = seq_len - q_len
     kvh = tl.load(KV_INDEX + h)
     m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    d = tl.arange(0, D)
+    d = tl.arange(0, DP)
+    dmask = d[None, :] < D
     mmask = m < q_len
-    q = tl.load(Q + (q_start + m)[:, None] * stride_qt + h * stride_qh + d[None, :], mask=mmask[:, None], other=0.0)
+    q = tl.load(Q + (q_start + m)[:, None] * stride_qt + h * stride_qh + d[None, :], mask=mmask[:, None] & dmask, other=0.0)
     q_pos = prefix + m
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    acc = tl.zeros([BLOCK_M, DP], tl.float32)
     end = tl.minimum(seq_len, prefix + (tile + 1) * BLOCK_M)
     for n0 in range(0, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         nmask = n < end
         blk = tl.load(BT + b * stride_bt + n // BLOCK_SIZE, mask=nmask, other=0)
         off = blk.to(tl.int64) * stride_kb + (n % BLOCK_SIZE) * stride_ks + kvh * stride_kh
-        k = tl.load(K + off[:, None] + d[None, :], mask=nmask[:, None], other=0.0)
-        v = tl.load(V + off[:, None] + d[None, :], mask=nmask[:, None], other=0.0)
+        k = tl.load(K + off[:, None] + d[None, :], mask=nmask[:, None] & dmask, other=0.0)
+        v = tl.load(V + off[:, None] + d[None, :], mask=nmask[:, None] & dmask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_M, BLOCK_N]
         s = tl.where(nmask[None, :] & (n[None, :] <= q_pos[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -165,7 +173,7 @@ def _prefill_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     out = acc / l_i[:, None]
-    tl.store(O + (q_start + m)[:, None] * stride_ot + h * stride_oh + d[None, :], out.to(O.dtype.element_ty), mask=mmask[:, None])
+    tl.store(O + (q_start + m)[:, None] * stride_ot + h * stride_oh + d[None, :], out.to(O.dtype.element_ty), mask=mmask[:, None] & dmask)
 
 
 def paged_prefill(
@@ -190,7 +198,7 @@ def paged_prefill(
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
         scale,
-        BLOCK_SIZE=block_size, D=D, BLOCK_M=block_m, BLOCK_N=64 if q.is_cuda else 16, PRECISION=_precision(q),
+        BLOCK_SIZE=block_size, D=D, DP=_padded(D), BLOCK_M=block_m, BLOCK_N=64 if q.is_cuda else 16, PRECISION=_precision(q),
         **({"num_warps": 8, "num_stages": 3} if q.is_cuda else {}),
     )
     return out

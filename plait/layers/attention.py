@@ -118,7 +118,7 @@ def _fresh_prompts_attention(q, k, v, starts: list[int], kv_index: torch.Tensor,
     k, v = k[:, kv_index], v[:, kv_index]  # [T, heads, D]: each query head's KV head (any uneven split)
     out = torch.empty_like(q)
     for a, b in zip(starts, starts[1:]):
-        out[a:b] = nn.functional.scaled_dot_product_attention(
-            q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), is_causal=True, scale=scale
-        ).transpose(0, 1)
+        # [1, heads, n, D]: the 4-D layout that PyTorch's flash kernel takes (3-D falls back to the math path)
+        qs, ks, vs = (t[a:b].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        out[a:b] = nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)[0].transpose(0, 1)
     return out

@@ -11,9 +11,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from plait.outputs import CompletionOutput, Logprob
+from plait.server.engine_loop import RequestStream
 from plait.server.protocol import ChatCompletionRequest, conversation
 from plait.server.state import ServerState
-from plait.server.streaming import Usage, choice_deltas, event_stream, final_outputs, top_logprobs, until_disconnected
+from plait.server.streaming import Usage, choice_deltas, collect, event_stream, top_logprobs
 
 router = APIRouter()
 
@@ -39,11 +40,11 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request) -> R
     server.admit(1)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.model_name}
     k = params.logprobs
-    gens = [server.loop.generate(head["id"], ids, params, arrival)]
+    streams = [server.loop.generate(head["id"], ids, params, arrival)]
     if body.stream:
-        return event_stream(_chunks({**head, "object": "chat.completion.chunk"}, gens, params.n, params.stop, k,
-                                    body.include_usage))
-    (out,) = await until_disconnected(raw, final_outputs(gens))
+        return event_stream(_chunks({**head, "object": "chat.completion.chunk"}, streams, params.n, params.stop, k,
+                                    body.include_usage), streams)
+    (out,) = await collect(raw, streams)
     usage = Usage()
     usage.add(out)
     choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
@@ -52,10 +53,10 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request) -> R
     return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": usage.as_dict()})
 
 
-async def _chunks(head: dict, gens: list, n: int, stop: list[str], k: int | None,
+async def _chunks(head: dict, streams: list[RequestStream], n: int, stop: list[str], k: int | None,
                   include_usage: bool) -> AsyncIterator[dict]:
     usage = Usage()
-    async with aclosing(choice_deltas(gens, n, stop, usage)) as deltas:
+    async with aclosing(choice_deltas(streams, n, stop, usage)) as deltas:
         async for d in deltas:
             delta = {"role": "assistant", "content": d.text} if d.first else {"content": d.text}
             choice = {"index": d.index, "delta": delta,

@@ -11,10 +11,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from plait.outputs import CompletionOutput
+from plait.server.engine_loop import RequestStream
 from plait.server.errors import APIError
 from plait.server.protocol import CompletionRequest
 from plait.server.state import ServerState
-from plait.server.streaming import Usage, choice_deltas, event_stream, final_outputs, top_logprobs, until_disconnected
+from plait.server.streaming import Usage, choice_deltas, collect, event_stream, top_logprobs
 from plait.server.tokenizer import ServerTokenizer
 
 router = APIRouter()
@@ -60,10 +61,10 @@ async def create_completion(body: CompletionRequest, raw: Request) -> Response:
     server.admit(len(prompts))
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": server.model_name}
-    gens = [server.loop.generate(f"{head['id']}-{i}", ids, params, arrival) for i, ids in enumerate(prompts)]
+    streams = [server.loop.generate(f"{head['id']}-{i}", ids, params, arrival) for i, ids in enumerate(prompts)]
     if body.stream:
-        return event_stream(_chunks(head, gens, params.n, params.stop, body.logprobs, body.include_usage))
-    finals = await until_disconnected(raw, final_outputs(gens))
+        return event_stream(_chunks(head, streams, params.n, params.stop, body.logprobs, body.include_usage), streams)
+    finals = await collect(raw, streams)
     usage, choices = Usage(), []
     for i, out in enumerate(finals):
         usage.add(out)
@@ -72,10 +73,10 @@ async def create_completion(body: CompletionRequest, raw: Request) -> Response:
     return JSONResponse({**head, "choices": choices, "usage": usage.as_dict()})
 
 
-async def _chunks(head: dict, gens: list, n: int, stop: list[str], k: int | None,
+async def _chunks(head: dict, streams: list[RequestStream], n: int, stop: list[str], k: int | None,
                   include_usage: bool) -> AsyncIterator[dict]:
     usage = Usage()
-    async with aclosing(choice_deltas(gens, n, stop, usage)) as deltas:
+    async with aclosing(choice_deltas(streams, n, stop, usage)) as deltas:
         async for d in deltas:
             yield {**head, "choices": [_choice(d.index, d.text, d.output, d.new_tokens, k)]}
     if include_usage:

@@ -13,7 +13,6 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from plait.engine.engine import LLMEngine
@@ -32,30 +31,6 @@ class EngineDeadError(APIError):
         super().__init__(500, f"the engine has failed ({type(cause).__name__}: {cause}); restart the server")
 
 
-class RequestStream:
-    """One request's outputs on their way from the engine thread to the event loop."""
-
-    def __init__(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()
-
-    def put(self, item: RequestOutput | Exception) -> None:
-        """Called on the engine thread."""
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        except RuntimeError:  # the event loop has closed: nobody is listening any more
-            pass
-
-    async def next(self) -> RequestOutput:
-        """The newest output; outputs are cumulative, so ones that piled up while the client was slow are skipped."""
-        item = await self._queue.get()
-        while isinstance(item, RequestOutput) and not item.finished and not self._queue.empty():
-            item = self._queue.get_nowait()
-        if isinstance(item, Exception):
-            raise item
-        return item
-
-
 @dataclass
 class _Add:
     request_id: str
@@ -70,7 +45,54 @@ class _Abort:
     request_id: str
 
 
-_STOP = object()
+_STOP = object()  # inbox: end the engine thread
+_CLOSED = object()  # a stream's queue: the request was closed from the event loop
+
+
+class RequestStream:
+    """One request's outputs on their way from the engine thread to the event loop; iterate it for them.
+
+    Whoever submitted the request closes it when done with it (the response ended, the client left): closing an
+    unfinished request aborts it in the engine, whether or not anyone ever iterated.
+    """
+
+    def __init__(self, request_id: str, inbox: queue.SimpleQueue):
+        self.request_id, self._inbox = request_id, inbox
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self.finished = False
+
+    def put(self, item: RequestOutput | Exception) -> None:
+        """Called on the engine thread."""
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the event loop has closed: nobody is listening any more
+            pass
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        """The newest output; outputs are cumulative, so ones that piled up while the client was slow are skipped."""
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        while isinstance(item, RequestOutput) and not item.finished and not self._queue.empty():
+            item = self._queue.get_nowait()
+        if item is _CLOSED:
+            raise StopAsyncIteration
+        if isinstance(item, Exception):
+            self.finished = True
+            raise item
+        self.finished = item.finished
+        return item
+
+    def close(self) -> None:
+        """Abort the request unless it finished, and wake anyone still waiting on it."""
+        if not self.finished:
+            self.finished = True
+            self._inbox.put(_Abort(self.request_id))
+            self._queue.put_nowait(_CLOSED)
 
 
 class EngineLoop:
@@ -97,22 +119,14 @@ class EngineLoop:
         free_slots = self.engine.sched_config.max_num_seqs - load.running
         return max(0, load.waiting + self._inbox.qsize() + new - free_slots)
 
-    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       arrival: float) -> AsyncIterator[RequestOutput]:
-        """Cumulative outputs until the request finishes; leaving early (disconnect, cancel) aborts it."""
+    def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                 arrival: float) -> RequestStream:
+        """Queue the request now (so admission counts it at once); the caller must close the stream it gets."""
         if self.error is not None:
             raise EngineDeadError(self.error)
-        stream = RequestStream()
+        stream = RequestStream(request_id, self._inbox)
         self._inbox.put(_Add(request_id, prompt_ids, params, stream, arrival))
-        finished = False
-        try:
-            while not finished:
-                out = await stream.next()
-                finished = out.finished
-                yield out
-        finally:
-            if not finished:
-                self._inbox.put(_Abort(request_id))
+        return stream
 
     def _run(self) -> None:
         try:

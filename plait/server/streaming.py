@@ -19,6 +19,7 @@ from starlette.background import BackgroundTask
 from starlette.responses import StreamingResponse
 
 from plait.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from plait.server.engine_loop import RequestStream
 from plait.server.errors import APIError, error_body
 
 logger = logging.getLogger("plait.server")
@@ -65,19 +66,20 @@ class Usage:
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
+@dataclass
 class _Cursor:
     """How much of one choice the client has seen."""
 
-    def __init__(self) -> None:
-        self.chars = self.tokens = 0
-        self.done = False
+    chars: int = 0
+    tokens: int = 0
+    done: bool = False
 
 
-async def choice_deltas(gens: list[AsyncIterator[RequestOutput]], n: int, stop: list[str],
+async def choice_deltas(streams: list[RequestStream], n: int, stop: list[str],
                         usage: Usage) -> AsyncIterator[ChoiceDelta]:
     """Each choice's new text and tokens as outputs arrive; `usage` is filled in as requests finish."""
     cursors: dict[int, _Cursor] = {}
-    async with aclosing(merge(gens)) as outputs:
+    async with aclosing(merge(streams)) as outputs:
         async for prompt_index, out in outputs:
             for c in out.outputs:
                 index = prompt_index * n + c.index
@@ -96,26 +98,24 @@ async def choice_deltas(gens: list[AsyncIterator[RequestOutput]], n: int, stop: 
                 usage.add(out)
 
 
-async def merge(gens: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
-    """Interleave several generators as their items arrive; closing the merge closes (so aborts) them all."""
-    if len(gens) == 1:
-        async with aclosing(gens[0]) as only:
-            async for item in only:
-                yield 0, item
+async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+    """Interleave several streams as their items arrive, each item with its stream's index."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield 0, item
         return
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
-    async def pump(i: int, gen: AsyncIterator[T]) -> None:
+    async def pump(i: int, stream: AsyncIterator[T]) -> None:
         try:
-            async with aclosing(gen) as g:
-                async for item in g:
-                    queue.put_nowait((i, item))
+            async for item in stream:
+                queue.put_nowait((i, item))
         except Exception as e:
             queue.put_nowait((i, e))
         queue.put_nowait((i, done))
 
-    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
     try:
         remaining = len(tasks)
         while remaining:
@@ -132,13 +132,21 @@ async def merge(gens: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def final_outputs(gens: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
-    """Each request's last (finished) output, in the order of `gens`."""
-    last: list[RequestOutput | None] = [None] * len(gens)
-    async with aclosing(merge(gens)) as outputs:
+async def final_outputs(streams: list[RequestStream]) -> list[RequestOutput]:
+    """Each request's last (finished) output, in the order of `streams`."""
+    last: list[RequestOutput | None] = [None] * len(streams)
+    async with aclosing(merge(streams)) as outputs:
         async for i, out in outputs:
             last[i] = out
     return last
+
+
+async def collect(request: Request, streams: list[RequestStream]) -> list[RequestOutput]:
+    """A non-streamed answer: each request's final output; the client leaving aborts them all."""
+    try:
+        return await until_disconnected(request, final_outputs(streams))
+    finally:
+        close_all(streams)
 
 
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
@@ -159,13 +167,14 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def event_stream(chunks: AsyncIterator[dict]) -> StreamingResponse:
+def event_stream(chunks: AsyncIterator[dict], streams: list[RequestStream]) -> StreamingResponse:
     """Server-sent events ending in `[DONE]`; an error after the 200 went out becomes an error event."""
 
     async def body() -> AsyncIterator[str]:
         try:
-            async for chunk in chunks:
-                yield f"data: {json.dumps(chunk)}\n\n"
+            async with aclosing(chunks) as events:
+                async for chunk in events:
+                    yield f"data: {json.dumps(chunk)}\n\n"
         except APIError as e:
             yield f"data: {json.dumps(e.body())}\n\n"
         except Exception as e:
@@ -173,5 +182,13 @@ def event_stream(chunks: AsyncIterator[dict]) -> StreamingResponse:
             yield f"data: {json.dumps(error_body(500, f'internal server error ({type(e).__name__})'))}\n\n"
         yield "data: [DONE]\n\n"
 
-    # However the response ends (finished, client gone), closing `chunks` aborts whatever is still running.
-    return StreamingResponse(body(), media_type="text/event-stream", background=BackgroundTask(chunks.aclose))
+    async def close() -> None:
+        close_all(streams)
+
+    # However the response ends (finished, client gone), the background task aborts whatever still runs.
+    return StreamingResponse(body(), media_type="text/event-stream", background=BackgroundTask(close))
+
+
+def close_all(streams: list[RequestStream]) -> None:
+    for stream in streams:
+        stream.close()
