@@ -16,8 +16,7 @@ from starlette.exceptions import HTTPException
 logger = logging.getLogger("plait.server")
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          405: "invalid_request_error", 413: "invalid_request_error", 500: "internal_server_error",
-          503: "service_unavailable_error"}
+          500: "internal_server_error", 503: "service_unavailable_error"}
 
 
 class APIError(Exception):

@@ -58,7 +58,7 @@ def run_server(engine_cfg: EngineConfig, cfg: ServerConfig) -> int:
     name = cfg.served_model_name or engine.model_name
     metrics = ServerMetrics(name)
     loop = EngineLoop(engine, metrics)
-    tokenizer = ServerTokenizer(engine.tokenizer, engine.sched_config.max_model_len, engine.model_config.vocab_size)
+    tokenizer = ServerTokenizer(engine.tokenizer, engine.model_config.vocab_size)
     state = ServerState(loop, tokenizer, metrics, cfg, name)
     uv = uvicorn.Config(build_app(state), host=cfg.host, port=cfg.port, log_level=cfg.uvicorn_log_level,
                         access_log=not cfg.disable_uvicorn_access_log, timeout_graceful_shutdown=1)

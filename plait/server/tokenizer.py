@@ -12,9 +12,9 @@ from plait.server.errors import APIError
 
 
 class ServerTokenizer:
-    def __init__(self, tokenizer, max_model_len: int, vocab_size: int):
+    def __init__(self, tokenizer, vocab_size: int):
         self._tok = copy.deepcopy(tokenizer) if tokenizer is not None else None
-        self.max_model_len, self.vocab_size = max_model_len, vocab_size
+        self.vocab_size = vocab_size
 
     def _require(self, what: str):
         if self._tok is None:
