@@ -17,9 +17,8 @@ from plait.core import StepPlan, StepResult
 from plait.engine.cuda_graph import DecodeGraphs, StepInputs
 from plait.engine.sampler import SampleInput, Sampler, prompt_logprobs
 from plait.layers.attention import AttentionMetadata
-from plait.models.llama import LlamaForCausalLM
 from plait.models.loader import iter_weights, load_hf_config, resolve_model
-from plait.models.registry import model_config_from_hf
+from plait.models.registry import build_model, model_config_from_hf
 from plait.models.weights import init_dummy_weights, load_weights
 from plait.parallel.tensor import TensorParallel
 
@@ -46,13 +45,13 @@ class ModelRunner:
                 raise ValueError("all_reduce_backend='symm_mem' was asked for but symmetric memory is unavailable here")
         self.mirrors: dict[int, tuple[list[int], object, int]] = {}  # seq_id -> (tokens, params, prompt_len)
 
-    def _load_model(self, src, max_model_len: int) -> LlamaForCausalLM:
+    def _load_model(self, src, max_model_len: int) -> torch.nn.Module:
         """Build the rank's shard directly on its device in its dtype, then fill it slice by slice."""
         default = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
             with torch.device(self.device):
-                model = LlamaForCausalLM(self.model_cfg, TensorParallel(self.comm), max_model_len)
+                model = build_model(self.model_cfg, TensorParallel(self.comm), max_model_len)
         finally:
             torch.set_default_dtype(default)
         if self.cfg.load_format == "dummy" or src.kind == "preset":

@@ -88,7 +88,8 @@ class LlamaForCausalLM(nn.Module):
         self.cfg = cfg
         rope = RotaryEmbedding(cfg.hf_config, cfg.head_dim, max_positions)
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, plan)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, plan, rope) for _ in range(cfg.num_layers))
+        # Keyed by the checkpoint's layer index, so a pipeline stage can drop layers and still load by name.
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, plan, rope) for i in range(cfg.num_layers)})
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, plan)
         if cfg.tie_word_embeddings:
@@ -96,13 +97,20 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """ids, positions: [T] -> final hidden states [T, hidden]."""
-        x, residual = self.embed_tokens(ids), None
-        for layer in self.layers:
+        x, residual = self.run_layers(self.embed_tokens(ids), None, positions, meta)
+        return self.final_norm(x, residual)
+
+    def run_layers(self, x, residual, positions, meta):
+        """The decoder layers this module holds, in order; (x, residual) in and out, each [T, hidden]."""
+        for layer in self.layers.values():
             x, residual = layer(x, residual, positions, meta)
+        return x, residual
+
+    def final_norm(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return self.norm(x, residual)[0]
 
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:  # h: [N, hidden] -> [N, vocab] fp32
         return self.lm_head(h)
 
     def attention_layers(self) -> list[PagedAttention]:
-        return [layer.self_attn.attn for layer in self.layers]
+        return [layer.self_attn.attn for layer in self.layers.values()]

@@ -46,3 +46,10 @@ def model_config_from_hf(hf_config) -> ModelConfig:
         hf_config=hf_config,
         **flags,
     )
+
+
+def build_model(cfg: ModelConfig, plan, max_positions: int):
+    """The model class for an architecture, built for this rank's parallel plan."""
+    from plait.models.llama import LlamaForCausalLM
+
+    return LlamaForCausalLM(cfg, plan, max_positions)
