@@ -60,15 +60,33 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    tensor_parallel_size: int = _help("Number of tensor-parallel ranks (--tp).", default=1)
+    """World = DP x PP x TP. Inside one replica, rank r is tensor rank r % tp of pipeline stage r // tp."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    pp_layer_partition: tuple[int, ...] | None = None  # layers per stage; None = as even as possible
 
     def __post_init__(self) -> None:
-        if self.tensor_parallel_size < 1:
-            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.pp_layer_partition is not None and len(self.pp_layer_partition) != self.pipeline_parallel_size:
+            raise ValueError(
+                f"pp_layer_partition {list(self.pp_layer_partition)} has {len(self.pp_layer_partition)} entries; "
+                f"pipeline_parallel_size is {self.pipeline_parallel_size}"
+            )
+
+    @property
+    def replica_world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     @property
     def world_size(self) -> int:
-        return self.tensor_parallel_size
+        return self.replica_world_size * self.data_parallel_size
+
+    def stage_of(self, rank: int) -> int:
+        return rank // self.tensor_parallel_size
 
 
 @dataclass(frozen=True)
@@ -81,6 +99,9 @@ class EngineConfig:
     dtype: str = _help("auto | float32 | bfloat16 | float16.", default="auto")
     device: str = _help("cpu | cuda | auto.", default="auto")
     tensor_parallel_size: int = _help("Tensor-parallel ranks, one process each.", default=1)
+    pipeline_parallel_size: int = _help("Pipeline stages, each of tensor_parallel_size ranks.", default=1)
+    data_parallel_size: int = _help("Independent replicas behind one front end (each TP x PP).", default=1)
+    pp_layer_partition: str | None = _help("Layers per pipeline stage, comma-separated (default: even).", default=None)
     max_model_len: int | None = _help("Longest prompt + output, in tokens (default: the model's).", default=None)
     max_num_seqs: int = _help("Most sequences in one step.", default=64)
     max_num_batched_tokens: int | None = _help("Token budget of one step (default: 2048 or max_model_len).", default=None)
@@ -107,7 +128,7 @@ class EngineConfig:
             raise ValueError(f"all_reduce_backend must be auto, nccl or symm_mem; got {self.all_reduce_backend!r}")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be auto, torch or triton; got {self.attention_backend!r}")
-        ParallelConfig(self.tensor_parallel_size)
+        self.parallel  # noqa: B018 - validates the degrees
         for name, low in (("max_num_seqs", 1), ("block_size", 1)):
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
@@ -118,7 +139,13 @@ class EngineConfig:
 
     @property
     def parallel(self) -> ParallelConfig:
-        return ParallelConfig(self.tensor_parallel_size)
+        partition = None
+        if self.pp_layer_partition:
+            try:
+                partition = tuple(int(n) for n in self.pp_layer_partition.split(","))
+            except ValueError:
+                raise ValueError(f"pp_layer_partition must be comma-separated integers, got {self.pp_layer_partition!r}") from None
+        return ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size, self.data_parallel_size, partition)
 
     def resolved_device(self) -> str:
         if self.device == "auto":

@@ -34,22 +34,22 @@ FAMILIES = {
 }
 
 
-def tiny_config(family: str):
+def tiny_config(family: str, num_layers: int = 2):
     cls, extra = FAMILIES[family]
     return cls(
         vocab_size=256,
         hidden_size=72 if family == "llama" else 48,
         intermediate_size=100,
-        num_hidden_layers=2,
+        num_hidden_layers=num_layers,
         max_position_embeddings=512,
         rms_norm_eps=1e-6,
         **extra,
     )
 
 
-def make_checkpoint(path, family: str, seed: int = 0):
+def make_checkpoint(path, family: str, seed: int = 0, num_layers: int = 2):
     torch.manual_seed(seed)
-    cfg = tiny_config(family)
+    cfg = tiny_config(family, num_layers)
     cfg.architectures = [{"llama": "LlamaForCausalLM", "llama3": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                           "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[family]]
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)

@@ -37,8 +37,8 @@ def expected(llm):
 def assert_usable(llm: LLM, expected: list[int]) -> None:
     """Nothing of the failed call is left behind, and a good request still gives the same tokens."""
     engine = llm.engine
-    assert not engine.has_unfinished_requests() and not engine.scheduler.has_work()
-    bm = engine.scheduler.blocks
+    assert not engine.has_unfinished_requests() and not engine.schedulers[0].has_work()
+    bm = engine.blocks
     bm.check_invariants()
     assert bm.num_free == bm.num_blocks
     out = llm.generate([GOOD_PROMPT], GREEDY, use_tqdm=False)[0]
@@ -104,7 +104,7 @@ def test_one_bad_prompt_fails_the_whole_batch_before_anything_runs(llm, expected
         llm.generate(bad, GREEDY, use_tqdm=False)
     assert engine.requests.keys() == before == set()
     assert not engine.has_unfinished_requests()
-    assert not engine.scheduler.waiting and not engine.scheduler.running
+    assert not engine.schedulers[0].waiting and not engine.schedulers[0].running
     assert_usable(llm, expected)
 
 
@@ -254,4 +254,4 @@ def test_empty_text_prompt_with_a_tokenizer(smollm2):
     out = smollm2.generate("The capital of France is", GREEDY, use_tqdm=False)[0]
     assert out.finished and len(out.outputs[0].token_ids) == 4 and out.outputs[0].text
     assert not smollm2.engine.has_unfinished_requests()
-    assert smollm2.engine.scheduler.blocks.num_free == smollm2.engine.scheduler.blocks.num_blocks
+    assert smollm2.engine.blocks.num_free == smollm2.engine.blocks.num_blocks

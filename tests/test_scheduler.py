@@ -315,8 +315,8 @@ def drive(llm: LLM, prompts, params):
             assert out.request_id not in done, "a finished request was reported again"
             if out.finished:
                 done[out.request_id] = out
-        engine.scheduler.blocks.check_invariants()
-        check_state(engine.scheduler)
+        engine.blocks.check_invariants()
+        check_state(engine.schedulers[0])
         steps += 1
         assert steps < 5000, "the engine does not make progress"
     assert_drained(llm)
@@ -325,10 +325,10 @@ def drive(llm: LLM, prompts, params):
 
 def assert_drained(llm: LLM) -> None:
     engine = llm.engine
-    bm = engine.scheduler.blocks
+    bm = engine.blocks
     bm.check_invariants()
     assert bm.num_free == bm.num_blocks and bm.tables == {}
-    assert not engine.scheduler.has_work() and not engine.requests and not engine.seqs
+    assert not engine.schedulers[0].has_work() and not engine.requests and not engine.seqs
 
 
 def workload(n=64, seed=1):
@@ -414,7 +414,7 @@ def test_abort_frees_blocks_at_once_and_others_finish(folder, roomy):
     rids = [engine.add_request(p, params) for p in prompts]
     for _ in range(3):
         engine.step()
-    bm = engine.scheduler.blocks
+    bm = engine.blocks
     running_seq = engine.requests[rids[1]].seqs[0]
     waiting_seq = engine.requests[rids[5]].seqs[0]
     assert running_seq.status is SeqStatus.RUNNING and waiting_seq.status is SeqStatus.WAITING  # max_num_seqs=4
@@ -424,9 +424,9 @@ def test_abort_frees_blocks_at_once_and_others_finish(folder, roomy):
     assert bm.table(running_seq.seq_id) == [] and bm.num_free == free + held  # at once, not at the next step
     bm.check_invariants()
     assert running_seq.finish_reason == "abort" and running_seq.status is SeqStatus.FINISHED
-    assert rids[1] not in engine.requests and running_seq not in engine.scheduler.running
+    assert rids[1] not in engine.requests and running_seq not in engine.schedulers[0].running
     engine.abort_request(rids[5])
-    assert waiting_seq not in engine.scheduler.waiting and rids[5] not in engine.requests
+    assert waiting_seq not in engine.schedulers[0].waiting and rids[5] not in engine.requests
     engine.abort_request("no-such-request")  # harmless
 
     done = {}

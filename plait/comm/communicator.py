@@ -37,6 +37,7 @@ class Communicator:
         self.group, self.rank, self.size = group, rank, size
         self.recorder: CommRecorder | None = None
         self.symm_buffer: torch.Tensor | None = None  # symmetric-memory staging buffer for small all-reduces
+        self._pending_sends: list = []
 
     @classmethod
     def single(cls) -> "Communicator":
@@ -117,6 +118,21 @@ class Communicator:
         parts = [torch.empty_like(moved) for _ in range(self.size)]
         dist.all_gather(parts, moved, group=self.group)
         return torch.cat([p[:n] for p, n in zip(parts, sizes)]).movedim(0, dim)
+
+    def send(self, x: torch.Tensor, dst: int) -> None:
+        """Point-to-point to global rank `dst` (pipeline boundaries). Asynchronous, so a stage moves on to its next
+        micro-batch; the handle keeps the tensor alive until sent, and at most a few sends stay outstanding."""
+        self._record("send", x)
+        while len(self._pending_sends) >= 4:
+            self._pending_sends.pop(0)[0].wait()
+        x = x.contiguous()
+        self._pending_sends.append((dist.isend(x, dst), x))
+
+    def recv(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, src: int) -> torch.Tensor:
+        x = torch.empty(shape, dtype=dtype, device=device)
+        dist.recv(x, src)
+        self._record("recv", x)
+        return x
 
     def barrier(self) -> None:
         if self.size > 1:

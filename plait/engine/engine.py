@@ -1,12 +1,16 @@
-"""The driver: owns the scheduler, the KV-cache bookkeeping, the tokenizer and the handle on the ranks.
+"""The driver: owns the schedulers, the KV-cache bookkeeping, the tokenizer and the handle on the ranks.
 
-`step()` is the whole loop body: schedule, run on every rank, advance, turn tokens into outputs.
+`step()` is the whole loop body: schedule, run on every rank, advance, turn tokens into outputs. With a
+pipeline of P stages there are P schedulers over disjoint sets of requests sharing one block pool, each with
+one plan in flight, so every stage works on a different micro-batch; with one stage this is plain
+schedule-run-update.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections import deque
 
 from plait.config import EngineConfig, resolve_scheduler_config
 from plait.core import Sequence, StepPlan, StepResult
@@ -17,6 +21,7 @@ from plait.executor.executor import make_executor
 from plait.models.loader import load_hf_config, load_tokenizer, resolve_model
 from plait.models.registry import model_config_from_hf
 from plait.outputs import RequestOutput
+from plait.parallel.pipeline import check_pipeline
 from plait.parallel.tensor import check_tensor_parallel
 from plait.sampling_params import SamplingParams
 
@@ -30,13 +35,15 @@ def _eos_ids(hf_config, tokenizer) -> set[int]:
 
 
 class LLMEngine:
-    def __init__(self, cfg: EngineConfig):
+    def __init__(self, cfg: EngineConfig, device_offset: int = 0, own_process: bool = False):
         self.cfg = cfg
         src = resolve_model(cfg.model)
         self.model_name = src.name
         hf_config = load_hf_config(src)
         self.model_config = model_config_from_hf(hf_config)
         check_tensor_parallel(cfg.tensor_parallel_size, self.model_config.num_heads, self.model_config.num_kv_heads)
+        par = cfg.parallel
+        check_pipeline(self.model_config.num_layers, par.pipeline_parallel_size, par.pp_layer_partition)
         self.sched_config = resolve_scheduler_config(cfg, self.model_config)
         self.tokenizer = load_tokenizer(src, cfg.tokenizer)
         eos = _eos_ids(hf_config, self.tokenizer)
@@ -44,9 +51,12 @@ class LLMEngine:
             "max_model_len": self.sched_config.max_model_len,
             "max_num_batched_tokens": self.sched_config.max_num_batched_tokens,
             "eos_token_ids": eos,
-        })
+        }, device_offset, own_process)
         num_blocks = self._size_kv_cache()
-        self.scheduler = Scheduler(self.sched_config, BlockManager(num_blocks, cfg.block_size))
+        self.blocks = BlockManager(num_blocks, cfg.block_size)
+        self.schedulers = [Scheduler(self.sched_config, self.blocks) for _ in range(par.pipeline_parallel_size)]
+        self.scheduler_of: dict[int, Scheduler] = {}  # seq_id -> the scheduler (micro-batch) that owns it
+        self.in_flight: deque[tuple[Scheduler, StepPlan]] = deque()
         self.output = OutputProcessor(self.tokenizer, eos, self.sched_config.max_model_len)
         self.requests: dict[str, RequestState] = {}
         self.seqs: dict[int, Sequence] = {}
@@ -87,9 +97,11 @@ class LLMEngine:
                           cumulative_logprob=0.0 if params.logprobs is not None else None) for _ in seqs]
         prompt_lps = [None] * len(ids) if params.prompt_logprobs is not None else None
         self.requests[request_id] = RequestState(request_id, prompt if isinstance(prompt, str) else None, ids, seqs, outs, prompt_lps)
+        sched = min(self.schedulers, key=lambda x: len(x.waiting) + len(x.running))
         for seq in seqs:
             self.seqs[seq.seq_id] = seq
-            self.scheduler.add(seq)
+            self.scheduler_of[seq.seq_id] = sched
+            sched.add(seq)
         return request_id
 
     def _check_prompt(self, ids: list[int]) -> None:
@@ -108,25 +120,53 @@ class LLMEngine:
         for seq in state.seqs if state else []:
             if not seq.is_finished:
                 seq.finish_reason = "abort"
-                self.scheduler.finish(seq)
+                self.scheduler_of[seq.seq_id].finish(seq)
             self.seqs.pop(seq.seq_id, None)
+            self.scheduler_of.pop(seq.seq_id, None)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def request_counts(self) -> tuple[int, int]:
+        """(running, waiting) requests; a request with a sequence running counts as running."""
+        running = {seq.request_id for sched in self.schedulers for seq in sched.running}
+        waiting = {seq.request_id for sched in self.schedulers for seq in sched.waiting} - running
+        return len(running), len(waiting)
+
+    def kv_cache_usage(self) -> float:
+        return self.blocks.usage()
+
     def step(self) -> list[RequestOutput]:
         """One engine iteration; returns the outputs of the requests that progressed (finished ones once, last)."""
-        plan = self.scheduler.schedule()
-        if not plan.seqs and not plan.finished_seq_ids:
+        self.submit_step()
+        return self.collect_step()
+
+    def submit_step(self) -> None:
+        """Send a plan for every scheduler that has none in flight and has something to do."""
+        busy = {id(sched) for sched, _ in self.in_flight}
+        for sched in self.schedulers:
+            if id(sched) in busy:
+                continue
+            plan = sched.schedule()
+            if plan.seqs or plan.finished_seq_ids:
+                self.executor.submit("execute", plan)
+                self.in_flight.append((sched, plan))
+
+    def collect_step(self) -> list[RequestOutput]:
+        """Take the oldest plan's result: advance its sequences and turn its tokens into outputs."""
+        if not self.in_flight:
             return []
-        result = self.executor.call("execute", plan)[0]
-        self.scheduler.on_step_done(plan, self.seqs)
+        sched, plan = self.in_flight.popleft()
+        result = self.executor.collect()[self.executor.sampler_rank]
+        sched.on_step_done(plan, self.seqs)
         return self._process(plan, result)
 
     def _process(self, plan: StepPlan, result: StepResult) -> list[RequestOutput]:
         touched: dict[str, RequestState] = {}
         for s in plan.seqs:
-            seq = self.seqs[s.seq_id]
+            seq = self.seqs.get(s.seq_id)
+            if seq is None:  # aborted while its step was in flight
+                continue
             state = self.requests[seq.request_id]
             touched[state.request_id] = state
             if s.seq_id in result.prompt_logprobs:
@@ -134,7 +174,7 @@ class LLMEngine:
             if s.seq_id in result.sampled:
                 self.output.append_token(seq, state.outs[seq.index], result.sampled[s.seq_id], result.logprobs.get(s.seq_id))
                 if seq.finish_reason is not None:
-                    self.scheduler.finish(seq)
+                    self.scheduler_of[seq.seq_id].finish(seq)
                     state.finished_seqs.add(seq.index)
         outputs = [self.output.request_output(state) for state in touched.values()]
         for state in touched.values():

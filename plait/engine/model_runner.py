@@ -1,8 +1,8 @@
 """One rank's half of a step: build the batch from the plan, run the model, and (on the sampler rank) sample.
 
-Every rank runs the same forward on its shard; the LM head gathers the full logits rows, and the rank that
-holds them (rank 0 of the group) samples and answers with a `StepResult`. Ranks keep a mirror of each live
-sequence's tokens so the plan carries only what is new.
+Every rank of a stage runs the same forward on its shard; the last stage's LM head gathers the full logits
+rows, and the rank that holds them (tensor rank 0 of the last stage) samples and answers with a `StepResult`.
+Ranks keep a mirror of each live sequence's tokens so the plan carries only what is new.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import itertools
 
 import torch
 
-from plait.comm.communicator import Communicator
 from plait.config import EngineConfig
 from plait.core import StepPlan, StepResult
 from plait.engine.cuda_graph import DecodeGraphs, StepInputs
@@ -20,6 +19,8 @@ from plait.layers.attention import AttentionMetadata
 from plait.models.loader import iter_weights, load_hf_config, resolve_model
 from plait.models.registry import build_model, model_config_from_hf
 from plait.models.weights import init_dummy_weights, load_weights
+from plait.parallel.context import RankContext
+from plait.parallel.pipeline import PipelineStage, stage_layers
 from plait.parallel.tensor import TensorParallel
 
 _CPU_KV_BYTES = 1 << 30
@@ -27,9 +28,9 @@ _SYMM_MEM_BYTES = 4 << 20  # all-reduces up to this size use symmetric memory; N
 
 
 class ModelRunner:
-    def __init__(self, cfg: EngineConfig, comm: Communicator, max_model_len: int, max_num_batched_tokens: int,
+    def __init__(self, cfg: EngineConfig, ctx: RankContext, max_model_len: int, max_num_batched_tokens: int,
                  eos_token_ids: set[int]):
-        self.cfg, self.comm = cfg, comm
+        self.cfg, self.ctx, self.comm = cfg, ctx, ctx.tp
         self.device = torch.device(cfg.resolved_device(), torch.cuda.current_device() if cfg.resolved_device() == "cuda" else None)
         src = resolve_model(cfg.model)
         self.model_cfg = model_config_from_hf(load_hf_config(src))
@@ -37,10 +38,10 @@ class ModelRunner:
         self.model = self._load_model(src, max_model_len)
         self.max_model_len, self.max_num_batched_tokens = max_model_len, max_num_batched_tokens
         self.backend = cfg.resolved_attention_backend()
-        self.sampler = Sampler(self.device, eos_token_ids, cfg.seed) if comm.rank == 0 else None
+        self.sampler = Sampler(self.device, eos_token_ids, cfg.seed) if ctx.is_sampler else None
         self.graphs: DecodeGraphs | None = None
-        if self.device.type == "cuda" and comm.size > 1 and cfg.all_reduce_backend != "nccl":
-            ok = comm.enable_symm_mem(_SYMM_MEM_BYTES // self.dtype.itemsize, self.dtype, self.device)
+        if self.device.type == "cuda" and self.comm.size > 1 and cfg.all_reduce_backend != "nccl":
+            ok = self.comm.enable_symm_mem(_SYMM_MEM_BYTES // self.dtype.itemsize, self.dtype, self.device)
             if not ok and cfg.all_reduce_backend == "symm_mem":
                 raise ValueError("all_reduce_backend='symm_mem' was asked for but symmetric memory is unavailable here")
         self.mirrors: dict[int, tuple[list[int], object, int]] = {}  # seq_id -> (tokens, params, prompt_len)
@@ -51,14 +52,21 @@ class ModelRunner:
         torch.set_default_dtype(self.dtype)
         try:
             with torch.device(self.device):
-                model = build_model(self.model_cfg, TensorParallel(self.comm), max_model_len)
+                model = build_model(self.model_cfg, TensorParallel(self.comm), max_model_len, self._stage_layers())
+                if self.ctx.num_stages > 1:
+                    model = PipelineStage(model, self.ctx.stage, self.ctx.num_stages, self.ctx.pipe,
+                                          self.ctx.prev_rank, self.ctx.next_rank)
         finally:
             torch.set_default_dtype(default)
         if self.cfg.load_format == "dummy" or src.kind == "preset":
-            init_dummy_weights(model, self.cfg.seed + self.comm.rank)
+            init_dummy_weights(model, self.cfg.seed + self.ctx.rank)
         else:
-            load_weights(model, iter_weights(src))
+            load_weights(getattr(model, "model", model), iter_weights(src))
         return model.eval()
+
+    def _stage_layers(self) -> range:
+        par = self.cfg.parallel
+        return stage_layers(self.model_cfg.num_layers, par.pipeline_parallel_size, par.pp_layer_partition)[self.ctx.stage]
 
     def all_reduce_latency(self) -> float:
         """Seconds per all-reduce of one token's hidden state, the message of a batch-1 decode step."""
@@ -92,7 +100,7 @@ class ModelRunner:
             attn.kv_cache = torch.zeros(
                 2, num_blocks + 1, self.cfg.block_size, attn.num_kv_heads, attn.head_dim, dtype=self.dtype, device=self.device
             )
-        if self.device.type == "cuda" and not self.cfg.enforce_eager:
+        if self.device.type == "cuda" and not self.cfg.enforce_eager and self.ctx.num_stages == 1:
             self.graphs = DecodeGraphs(self.model, self.cfg.max_num_seqs, self.max_model_len, self.cfg.block_size,
                                        num_blocks, self.device)
             self.graphs.capture()
@@ -108,8 +116,10 @@ class ModelRunner:
             logits = self.graphs.run(inputs)  # a decode step: every row is sampled
         else:
             ids, positions, meta = self._prepare(inputs)
-            hidden = self.model(ids, positions, meta)  # [T, hidden]
-            logits = self.model.compute_logits(hidden[rows]) if rows else None  # [N, vocab] on every rank
+            hidden = self.model(ids, positions, meta)  # [T, hidden] on the last stage, None before it
+            if hidden is None:
+                return None
+            logits = self.model.compute_logits(hidden[rows]) if rows else None  # [N, vocab] on every last-stage rank
         return self._sample(plan, logits, sample_rows, prompt_spans) if self.sampler else None
 
     def _graph_step(self, plan: StepPlan) -> bool:

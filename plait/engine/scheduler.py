@@ -103,4 +103,5 @@ class Scheduler:
     def on_step_done(self, plan: StepPlan, seqs: dict[int, Sequence]) -> None:
         """The ranks computed the plan: advance each sequence's computed-token count."""
         for s in plan.seqs:
-            seqs[s.seq_id].num_computed_tokens = s.start + len(s.token_ids)
+            if s.seq_id in seqs:  # an aborted sequence may still be in a plan that was in flight
+                seqs[s.seq_id].num_computed_tokens = s.start + len(s.token_ids)

@@ -1,22 +1,26 @@
 """The driver's handle on the ranks: the same commands whether they run in this process or in N processes.
 
 With one rank the runner lives in the driver's process (no IPC, easy to debug). With N ranks each runs in a
-spawned process; the driver sends every command to all of them and reads every reply, polling so that a rank
-that dies is reported by rank and cause within seconds instead of leaving the others hanging in a collective.
+spawned process. Commands are submitted to every rank and their replies collected later, in order, so several
+steps can be in flight (pipeline micro-batches, data-parallel replicas stepping together). Replies are awaited
+with a liveness check, so a rank that dies is reported by rank and cause within a second instead of leaving
+the others hanging in a collective.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import gc
+import multiprocessing as mp
 import socket
 import time
+from collections import deque
 from multiprocessing.connection import wait
 
 import torch
 
 from plait.config import EngineConfig
 from plait.executor.worker import handle, init_group, worker_main
+from plait.parallel.context import sampler_rank
 
 
 class RankFailure(RuntimeError):
@@ -29,16 +33,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def check_port_free(port: int) -> None:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            raise ValueError(f"master_port {port} is already in use on this machine: pick another (or leave it unset)") from None
+
+
 class LocalExecutor:
+    """One rank, in the driver's own process; `submit` runs at once and `collect` hands the answer back."""
+
     world = 1
+    sampler_rank = 0
 
     def __init__(self, cfg: EngineConfig, init_args: dict):
         from plait.engine.model_runner import ModelRunner
 
         self.runner = ModelRunner(cfg, init_group(cfg, 0, 1, 0), **init_args)
+        self._done: deque = deque()
+
+    def submit(self, cmd: str, arg=None) -> None:
+        self._done.append([handle(self.runner, cmd, arg)])
+
+    def collect(self) -> list:
+        return self._done.popleft()
 
     def call(self, cmd: str, arg=None) -> list:
-        return [handle(self.runner, cmd, arg)]
+        self.submit(cmd, arg)
+        return self.collect()
 
     def shutdown(self) -> None:
         """Drop the model and cache now, so a next engine in this process gets the GPU memory back."""
@@ -50,23 +73,41 @@ class LocalExecutor:
 
 
 class MultiprocExecutor:
-    def __init__(self, cfg: EngineConfig, init_args: dict):
-        self.world = cfg.tensor_parallel_size
+    """One spawned process per rank of a replica (TP x PP ranks), on GPUs device_offset, device_offset + 1, ..."""
+
+    def __init__(self, cfg: EngineConfig, init_args: dict, device_offset: int = 0):
+        par = cfg.parallel
+        self.world = par.replica_world_size
+        self.sampler_rank = sampler_rank(par.tensor_parallel_size, par.pipeline_parallel_size)
+        if cfg.master_port:
+            check_port_free(cfg.master_port)
         port = cfg.master_port or free_port()
         ctx = mp.get_context("spawn")
         self.conns, self.procs = [], []
         for rank in range(self.world):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=worker_main, args=(cfg, rank, self.world, port, init_args, child), daemon=True)
+            args = (cfg, rank, self.world, port, device_offset, init_args, child)
+            proc = ctx.Process(target=worker_main, args=args, daemon=True)
             proc.start()
             self.conns.append(parent)
             self.procs.append(proc)
+        self.in_flight = 0
         self._replies()
 
-    def call(self, cmd: str, arg=None) -> list:
+    def submit(self, cmd: str, arg=None) -> None:
         for conn in self.conns:
             conn.send((cmd, arg))
+        self.in_flight += 1
+
+    def collect(self) -> list:
+        """Every rank's reply to the oldest submitted command."""
+        assert self.in_flight > 0, "collect() without a submitted command"
+        self.in_flight -= 1
         return self._replies()
+
+    def call(self, cmd: str, arg=None) -> list:
+        self.submit(cmd, arg)
+        return self.collect()
 
     def _replies(self) -> list:
         out: list = [None] * self.world
@@ -108,5 +149,8 @@ class MultiprocExecutor:
         self.procs, self.conns = [], []
 
 
-def make_executor(cfg: EngineConfig, init_args: dict):
-    return (LocalExecutor if cfg.tensor_parallel_size == 1 else MultiprocExecutor)(cfg, init_args)
+def make_executor(cfg: EngineConfig, init_args: dict, device_offset: int = 0, own_process: bool = False):
+    """In-process for one rank (unless `own_process`: data-parallel replicas must run side by side)."""
+    if cfg.parallel.replica_world_size == 1 and not own_process:
+        return LocalExecutor(cfg, init_args)
+    return MultiprocExecutor(cfg, init_args, device_offset)

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from plait.comm.communicator import Communicator
+from plait.parallel.context import RankContext
 from plait.config import EngineConfig
 from plait.engine.model_runner import ModelRunner
 
@@ -32,12 +33,14 @@ class StepTimes:
             self.steps += 1
 
 
-def init_group(cfg: EngineConfig, rank: int, world: int, port: int) -> Communicator:
-    if world == 1:
-        return Communicator.single()
+def init_group(cfg: EngineConfig, rank: int, world: int, port: int, device_offset: int = 0) -> RankContext:
+    """Join the replica's process group and build this rank's TP group (every rank creates every stage's group,
+    in the same order, as torch.distributed requires)."""
     cuda = cfg.resolved_device() == "cuda"
     if cuda:
-        torch.cuda.set_device(rank % torch.cuda.device_count())
+        torch.cuda.set_device((device_offset + rank) % torch.cuda.device_count())
+    if world == 1:
+        return RankContext.single()
     dist.init_process_group(
         "nccl" if cuda else "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
@@ -45,7 +48,14 @@ def init_group(cfg: EngineConfig, rank: int, world: int, port: int) -> Communica
         world_size=world,
         timeout=COLLECTIVE_TIMEOUT,
     )
-    return Communicator(dist.group.WORLD, rank, world)
+    par = cfg.parallel
+    tp, pp = par.tensor_parallel_size, par.pipeline_parallel_size
+    stage = rank // tp
+    if pp == 1:
+        return RankContext(rank, Communicator(dist.group.WORLD, rank, world), None)
+    groups = [dist.new_group(list(range(s * tp, (s + 1) * tp))) if tp > 1 else None for s in range(pp)]
+    tp_comm = Communicator(groups[stage], rank % tp, tp) if tp > 1 else Communicator.single()
+    return RankContext(rank, tp_comm, Communicator(dist.group.WORLD, rank, world), stage, pp)
 
 
 def handle(runner: ModelRunner, cmd: str, arg):
@@ -60,12 +70,12 @@ def handle(runner: ModelRunner, cmd: str, arg):
     raise ValueError(f"unknown command {cmd!r}")
 
 
-def worker_main(cfg: EngineConfig, rank: int, world: int, port: int, init_args: dict, conn) -> None:
+def worker_main(cfg: EngineConfig, rank: int, world: int, port: int, device_offset: int, init_args: dict, conn) -> None:
     """Entry point of a spawned rank. Replies ("ok", value) or ("error", traceback) to each command."""
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
-        comm = init_group(cfg, rank, world, port)
-        runner = ModelRunner(cfg, comm, **init_args)
+        ctx = init_group(cfg, rank, world, port, device_offset)
+        runner = ModelRunner(cfg, ctx, **init_args)
         conn.send(("ok", None))
         busy = StepTimes()
         while True:

@@ -83,13 +83,15 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, plan: TensorParallel, max_positions: int):
+    def __init__(self, cfg: ModelConfig, plan: TensorParallel, max_positions: int, layers: range | None = None):
+        """`layers`: which decoder layers to build (all by default); a pipeline stage builds only its own."""
         super().__init__()
         self.cfg = cfg
         rope = RotaryEmbedding(cfg.hf_config, cfg.head_dim, max_positions)
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, plan)
         # Keyed by the checkpoint's layer index, so a pipeline stage can drop layers and still load by name.
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, plan, rope) for i in range(cfg.num_layers)})
+        layers = range(cfg.num_layers) if layers is None else layers
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, plan, rope) for i in layers})
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, plan)
         if cfg.tie_word_embeddings:

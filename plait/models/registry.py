@@ -48,8 +48,8 @@ def model_config_from_hf(hf_config) -> ModelConfig:
     )
 
 
-def build_model(cfg: ModelConfig, plan, max_positions: int):
-    """The model class for an architecture, built for this rank's parallel plan."""
+def build_model(cfg: ModelConfig, plan, max_positions: int, layers: range | None = None):
+    """The model class for an architecture, built for this rank's parallel plan (and only `layers` of it)."""
     from plait.models.llama import LlamaForCausalLM
 
-    return LlamaForCausalLM(cfg, plan, max_positions)
+    return LlamaForCausalLM(cfg, plan, max_positions, layers)

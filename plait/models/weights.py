@@ -22,6 +22,8 @@ def _target(model: nn.Module, hf_name: str) -> tuple[str, str, str] | None:
     if _IGNORED.search(hf_name):
         return None
     path, kind = hf_name.removeprefix("model.").rsplit(".", 1)
+    if not _held(model, path):
+        return None  # a pipeline stage does not hold this layer (or embedding, norm, head)
     if path == "lm_head" and model.cfg.tie_word_embeddings:
         return None
     *parent, leaf = path.split(".")
@@ -30,10 +32,21 @@ def _target(model: nn.Module, hf_name: str) -> tuple[str, str, str] | None:
     return path, leaf, kind
 
 
+def _held(model: nn.Module, path: str) -> bool:
+    """Whether this rank's model holds `path`: decoder layers outside the stage and dropped parts are skipped."""
+    top, _, rest = path.partition(".")
+    if top in getattr(model, "dropped", ()):
+        return False
+    if top == "layers":
+        index = rest.split(".", 1)[0]
+        return index in model.layers or not (index.isdigit() and int(index) < model.cfg.num_layers)
+    return True
+
+
 def expected_tensors(model: nn.Module) -> set[tuple[str, str, str]]:
     expected = set()
     for path, module in model.named_modules():
-        if not hasattr(module, "load") or (module is model.lm_head and model.cfg.tie_word_embeddings):
+        if not hasattr(module, "load") or (module is getattr(model, "lm_head", None) and model.cfg.tie_word_embeddings):
             continue
         names = [s.name for s in module.segments] if hasattr(module, "segments") else [path.rsplit(".", 1)[-1]]
         kinds = ["weight"] + (["bias"] if getattr(module, "bias", None) is not None else [])

@@ -185,10 +185,8 @@ class EngineLoop:
                 del self._streams[out.request_id]
 
     def _publish_load(self) -> None:
-        sched = self.engine.scheduler
-        running = {s.request_id for s in sched.running}
-        waiting = {s.request_id for s in sched.waiting} - running
-        self.load = Load(len(running), len(waiting), sched.blocks.usage())
+        running, waiting = self.engine.request_counts()
+        self.load = Load(running, waiting, self.engine.kv_cache_usage())
         self.metrics.set_load(self.load)
 
     def _refuse_all(self) -> None:

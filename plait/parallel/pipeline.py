@@ -1,0 +1,82 @@
+"""Pipeline parallelism as data: which layers a stage owns, and the stage that runs them.
+
+A stage is the model with the layers it does not own deleted (and the embedding on all but the first stage,
+the final norm and LM head on all but the last): the model file knows nothing of pipelines. Between stages
+the hidden state and the residual stream travel by send/recv through the communicator, one pair per boundary.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from plait.comm.communicator import Communicator
+from plait.parallel.tensor import split_range
+
+
+def stage_layers(num_layers: int, num_stages: int, partition: tuple[int, ...] | None) -> list[range]:
+    """Each stage's contiguous layer range: `partition` (layers per stage) if given, else as even as possible."""
+    if partition is None:
+        return [range(*split_range(num_layers, num_stages, s)) for s in range(num_stages)]
+    if sum(partition) != num_layers or min(partition) < 1:
+        raise ValueError(
+            f"pp_layer_partition {list(partition)} must give every stage at least one layer and sum to the "
+            f"model's {num_layers} layers"
+        )
+    starts = [sum(partition[:s]) for s in range(num_stages)]
+    return [range(a, a + n) for a, n in zip(starts, partition)]
+
+
+def check_pipeline(num_layers: int, num_stages: int, partition: tuple[int, ...] | None) -> None:
+    if num_stages > num_layers:
+        raise ValueError(f"pipeline_parallel_size ({num_stages}) is larger than the model's {num_layers} layers")
+    if partition is None and num_layers % num_stages:
+        raise ValueError(
+            f"the model's {num_layers} layers do not divide into {num_stages} pipeline stages; give "
+            f"--pp-layer-partition (e.g. {','.join(str(len(r)) for r in stage_layers(num_layers, num_stages, None))})"
+        )
+    stage_layers(num_layers, num_stages, partition)
+
+
+class PipelineStage(nn.Module):
+    """One stage of a pipeline over `model`: receive (x, residual), run the owned layers, send them on."""
+
+    def __init__(self, model: nn.Module, stage: int, num_stages: int, pipe: Communicator, prev_rank: int, next_rank: int):
+        super().__init__()
+        self.model, self.pipe = model, pipe
+        self.first, self.last = stage == 0, stage == num_stages - 1
+        self.prev_rank, self.next_rank = prev_rank, next_rank
+        dropped = []
+        if not self.first and not (self.last and model.cfg.tie_word_embeddings):
+            dropped.append("embed_tokens")  # a tied LM head on the last stage still reads this weight
+        if not self.last:
+            dropped += ["norm", "lm_head"]
+        for name in dropped:
+            delattr(model, name)
+        model.dropped = tuple(dropped)  # the weight loader skips what the stage does not hold
+
+    @property
+    def cfg(self):
+        return self.model.cfg
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor | None:
+        """Returns the final hidden states on the last stage, None elsewhere."""
+        T, H = ids.shape[0], self.model.cfg.hidden_size
+        if self.first:
+            x, residual = self.model.embed_tokens(ids), None
+        else:
+            dtype = next(self.model.parameters()).dtype
+            x = self.pipe.recv((T, H), dtype, ids.device, self.prev_rank)
+            residual = self.pipe.recv((T, H), dtype, ids.device, self.prev_rank)
+        x, residual = self.model.run_layers(x, residual, positions, meta)
+        if self.last:
+            return self.model.final_norm(x, residual)
+        self.pipe.send(x, self.next_rank)
+        self.pipe.send(residual, self.next_rank)
+        return None
+
+    def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.compute_logits(h)
+
+    def attention_layers(self):
+        return self.model.attention_layers()
