@@ -11,10 +11,15 @@ import typing
 
 from plait.bench.serve_args import add_bench_serve_args
 from plait.config import EngineConfig
+from plait.executor.executor import RankFailure
 from plait.sampling_params import SamplingParams
 from plait.server.config import ServerConfig
 
-_ALIASES = {"tensor_parallel_size": ["--tp", "-tp"]}
+_ALIASES = {
+    "tensor_parallel_size": ["--tp", "-tp"],
+    "pipeline_parallel_size": ["--pp", "-pp"],
+    "data_parallel_size": ["--dp", "-dp"],
+}
 
 
 def _flag_type(tp):
@@ -141,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # user errors: one clear line, no traceback
         print(f"plait: error: {e}", file=sys.stderr)
         return 2
+    except RankFailure as e:  # a rank died or raised: its number and cause, and every rank is stopped
+        print(f"plait: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -27,6 +27,27 @@ def _help(text: str, **kw: Any) -> Any:
 
 
 @dataclass(frozen=True)
+class TrackConfig:
+    """The Parallel Track shape of a model (docs/parallel_track.md): `num_tracks` narrow decoder stacks at full
+    residual width, whose states are combined (mean or sum) at the end of every block of `block_depth` layers.
+    The widths are per track; `plait.models.track_format` reads them from config.json."""
+
+    num_tracks: int
+    block_depth: int
+    combine: str  # "mean" | "sum"
+    num_heads: int  # query heads of one track
+    num_kv_heads: int  # KV heads of one track
+    intermediate_size: int  # MLP width of one track
+
+    def __post_init__(self) -> None:
+        for name in ("num_tracks", "block_depth", "num_heads", "num_kv_heads", "intermediate_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"track config: {name} must be >= 1, got {getattr(self, name)}")
+        if self.combine not in ("mean", "sum"):
+            raise ValueError(f"track_combine must be 'mean' or 'sum'; got {self.combine!r}")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The shape of a Llama-family decoder, normalised across families (Llama, Mistral, Qwen2, Qwen3).
 
@@ -49,6 +70,7 @@ class ModelConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False
+    tracks: TrackConfig | None = None  # a Parallel Track model; None for a dense one
     hf_config: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -67,3 +67,69 @@ def test_stage_partition_and_its_errors():
         check_pipeline(30, 2, (10, 10))
     with pytest.raises(ValueError, match="larger than the model's 6 layers"):
         check_pipeline(6, 8, None)
+
+
+def test_data_parallel_replicas_match_single_rank(six_layers, reference):
+    prompts, expected = reference
+    llm = LLM(six_layers, data_parallel_size=2, dtype="float32", device="cpu", max_model_len=256)
+    try:
+        replicas = llm.engine.replicas
+        assert len(replicas) == 2
+        assert_same(llm.generate(prompts, PARAMS, use_tqdm=False), expected)
+        assert all(r.blocks.num_free == r.blocks.num_blocks for r in replicas)
+    finally:
+        llm.shutdown()
+
+
+def test_data_parallel_routes_to_the_least_loaded_replica(six_layers):
+    llm = LLM(six_layers, data_parallel_size=2, dtype="float32", device="cpu", max_model_len=256)
+    try:
+        engine = llm.engine
+        long = SamplingParams(max_tokens=100, ignore_eos=True)
+        engine.add_request([1] * 50, long, "a")
+        engine.add_request([1] * 5, SamplingParams(max_tokens=5), "b")
+        engine.add_request([1] * 5, SamplingParams(max_tokens=5), "c")
+        assert engine.owner["a"] is not engine.owner["b"] and engine.owner["c"] is engine.owner["b"]
+        engine.abort_request("a")
+        engine.abort_request("b")
+        engine.abort_request("c")
+        assert not engine.has_unfinished_requests()
+    finally:
+        llm.shutdown()
+
+
+def test_a_rank_that_dies_mid_run_fails_the_job_fast_naming_it(six_layers):
+    import os
+    import signal
+    import time
+
+    from plait.executor.executor import RankFailure
+
+    llm = LLM(six_layers, pipeline_parallel_size=2, dtype="float32", device="cpu", max_model_len=256)
+    engine = llm.engine
+    try:
+        engine.add_request([1, 2, 3], SamplingParams(max_tokens=200, ignore_eos=True))
+        engine.step()
+        procs = list(engine.executor.procs)
+        os.kill(procs[1].pid, signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(RankFailure, match="rank 1 exited with code"):
+            while engine.has_unfinished_requests():
+                engine.step()
+        assert time.monotonic() - start < 30
+        assert not any(p.is_alive() for p in procs)  # the others were stopped, not left hanging
+    finally:
+        llm.shutdown()
+
+
+def test_a_port_in_use_is_refused_with_its_number(six_layers):
+    import socket
+
+    from plait.executor.executor import check_port_free
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(ValueError, match=f"master_port {port} is already in use"):
+            check_port_free(port)

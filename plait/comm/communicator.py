@@ -38,14 +38,33 @@ class Communicator:
         self.recorder: CommRecorder | None = None
         self.symm_buffer: torch.Tensor | None = None  # symmetric-memory staging buffer for small all-reduces
         self._pending_sends: list = []
+        self.parent: Communicator | None = None  # set by `split`: a sub-group records into its parent's recorder
 
     @classmethod
     def single(cls) -> "Communicator":
         return cls(None)
 
     def _record(self, op: str, t: torch.Tensor) -> None:
-        if self.recorder is not None:
-            self.recorder.add(op, self.size, t)
+        recorder = self.recorder if self.recorder is not None or self.parent is None else self.parent.recorder
+        if recorder is not None:
+            recorder.add(op, self.size, t)
+
+    def split(self, parts: list[list[int]]) -> "Communicator":
+        """The communicator of this rank's part of a partition of this group (ranks as positions in it, each part
+        sorted). Every rank calls it with the same partition in the same order, since torch.distributed creates a
+        group only when every rank of the world asks for it; so only the world group can be split. A part of one
+        rank is `single()`, a part of all ranks is this communicator."""
+        assert sorted(r for p in parts for r in p) == list(range(self.size)) and all(p == sorted(p) for p in parts), (
+            f"{parts} is not a partition of {self.size} ranks into sorted parts"
+        )
+        mine = next(p for p in parts if self.rank in p)
+        if len(mine) == self.size:
+            return self
+        assert dist.get_world_size() == self.size, f"only the world can be split, not a group of {self.size} ranks"
+        groups = [dist.new_group(p) if len(p) > 1 else None for p in parts]  # world ranks are group ranks here
+        child = Communicator(groups[parts.index(mine)], mine.index(self.rank), len(mine))
+        child.parent = self
+        return child
 
     def enable_symm_mem(self, max_numel: int, dtype: torch.dtype, device: torch.device) -> bool:
         """Allocate and rendezvous (once, eagerly: it cannot be captured) a buffer for P2P all-reduces of up to

@@ -23,6 +23,7 @@ from plait.models.registry import model_config_from_hf
 from plait.outputs import RequestOutput
 from plait.parallel.pipeline import check_pipeline
 from plait.parallel.tensor import check_tensor_parallel
+from plait.parallel.track import check_track_parallel
 from plait.sampling_params import SamplingParams
 
 
@@ -42,6 +43,7 @@ class LLMEngine:
         hf_config = load_hf_config(src)
         self.model_config = model_config_from_hf(hf_config)
         check_tensor_parallel(cfg.tensor_parallel_size, self.model_config.num_heads, self.model_config.num_kv_heads)
+        check_track_parallel(cfg.parallel, self.model_config)
         par = cfg.parallel
         check_pipeline(self.model_config.num_layers, par.pipeline_parallel_size, par.pp_layer_partition)
         self.sched_config = resolve_scheduler_config(cfg, self.model_config)
@@ -132,6 +134,11 @@ class LLMEngine:
         running = {seq.request_id for sched in self.schedulers for seq in sched.running}
         waiting = {seq.request_id for sched in self.schedulers for seq in sched.waiting} - running
         return len(running), len(waiting)
+
+    def outstanding_tokens(self) -> int:
+        """Tokens still to compute or generate for every live sequence: the data-parallel router's load measure."""
+        return sum(seq.num_tokens - seq.num_computed_tokens + seq.params.max_tokens - seq.num_output_tokens
+                   for seq in self.seqs.values())
 
     def kv_cache_usage(self) -> float:
         return self.blocks.usage()

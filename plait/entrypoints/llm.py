@@ -7,7 +7,7 @@ import dataclasses
 from tqdm.auto import tqdm
 
 from plait.config import EngineConfig
-from plait.engine.engine import LLMEngine
+from plait.engine.data_parallel import make_engine
 from plait.outputs import RequestOutput
 from plait.sampling_params import SamplingParams
 
@@ -22,7 +22,7 @@ class LLM:
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise ValueError(f"unknown LLM argument(s) {unknown}; known: {sorted(known)}")
-        self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        self.engine = make_engine(EngineConfig(model=model, **kwargs))
 
     def get_tokenizer(self):
         return self.engine.tokenizer

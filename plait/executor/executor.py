@@ -95,8 +95,13 @@ class MultiprocExecutor:
         self._replies()
 
     def submit(self, cmd: str, arg=None) -> None:
-        for conn in self.conns:
-            conn.send((cmd, arg))
+        for rank, conn in enumerate(self.conns):
+            try:
+                conn.send((cmd, arg))
+            except OSError:  # its pipe is gone: the rank died
+                code = self.procs[rank].exitcode
+                self.shutdown()
+                raise RankFailure(f"rank {rank} exited with code {code} without answering") from None
         self.in_flight += 1
 
     def collect(self) -> list:
@@ -131,8 +136,11 @@ class MultiprocExecutor:
     def _recv(self, rank: int):
         try:
             return self.conns[rank].recv()
-        except EOFError:
-            return "error", f"rank {rank} closed its pipe (exit code {self.procs[rank].exitcode})"
+        except (EOFError, OSError):  # the pipe closed under us: the rank died
+            self.procs[rank].join(timeout=2)
+            code = self.procs[rank].exitcode
+            self.shutdown()
+            raise RankFailure(f"rank {rank} exited with code {code} without answering") from None
 
     def shutdown(self) -> None:
         for conn, proc in zip(self.conns, self.procs):

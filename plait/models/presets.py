@@ -11,6 +11,8 @@ import copy
 
 from transformers import AutoConfig, PretrainedConfig
 
+from plait.models.track_format import track_keys
+
 _LLAMA31_ROPE = {
     "rope_type": "llama3",
     "rope_theta": 500000.0,
@@ -98,6 +100,21 @@ PRESETS: dict[str, dict] = {
         "pad_token_id": 2,
     },
 }
+
+
+
+def _parallel_track(base: str, num_tracks: int, block_depth: int) -> dict:
+    """A PT model with the totals of `base`, so the same parameter count (plus T-1 extra norms per layer)."""
+    cfg = PRESETS[base]
+    return {**cfg, **track_keys(num_tracks, block_depth, cfg["num_attention_heads"], cfg["num_key_value_heads"],
+                                cfg["intermediate_size"])}
+
+
+# pt-llama3-8b-t4-d4: Llama-3.1-8B's shape as 4 tracks that meet every 4 layers (8 syncs per forward instead of 64).
+PRESETS.update({
+    f"pt-{base}-t{t}-d{d}": _parallel_track(base, t, d)
+    for base in ("llama3-8b", "qwen2.5-32b") for t in (2, 4, 8) for d in (1, 2, 4, 8)
+})
 
 
 def preset_config(name: str) -> PretrainedConfig:

@@ -33,7 +33,10 @@ def _target(model: nn.Module, hf_name: str) -> tuple[str, str, str] | None:
 
 
 def _held(model: nn.Module, path: str) -> bool:
-    """Whether this rank's model holds `path`: decoder layers outside the stage and dropped parts are skipped."""
+    """Whether this rank's model holds `path`: decoder layers outside the stage, dropped parts and tensors the model
+    says it does not hold are skipped."""
+    if hasattr(model, "holds") and not model.holds(path):
+        return False  # the model keeps part of the checkpoint by its own rule (a Parallel Track rank's tracks)
     top, _, rest = path.partition(".")
     if top in getattr(model, "dropped", ()):
         return False

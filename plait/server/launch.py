@@ -13,7 +13,7 @@ from types import FrameType
 import uvicorn
 
 from plait.config import EngineConfig
-from plait.engine.engine import LLMEngine
+from plait.engine.data_parallel import make_engine
 from plait.server.app import build_app
 from plait.server.config import ServerConfig
 from plait.server.engine_loop import EngineLoop
@@ -54,7 +54,7 @@ class DrainingServer(uvicorn.Server):
 
 def run_server(engine_cfg: EngineConfig, cfg: ServerConfig) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
-    engine = LLMEngine(engine_cfg)
+    engine = make_engine(engine_cfg)
     name = cfg.served_model_name or engine.model_name
     metrics = ServerMetrics(name)
     loop = EngineLoop(engine, metrics)

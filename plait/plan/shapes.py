@@ -1,0 +1,99 @@
+"""What each rank holds under a parallel layout: the model's shape cut by the same plans the engine uses.
+
+The model shape is plait's `ModelConfig`, read exactly as the engine reads it (a config.json folder, a GGUF file,
+a preset name, or none for the embedded SmolLM2). Shards come from `TensorParallel` and `stage_layers`, the code
+that shards the real model, so an uneven split (9 heads over 2 ranks) is predicted as it runs.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from plait.config import ModelConfig
+from plait.parallel.pipeline import check_pipeline, stage_layers
+from plait.parallel.tensor import TensorParallel, check_tensor_parallel
+
+
+def load_model_config(model: str | None) -> ModelConfig:
+    """The shape of `model` (folder, .gguf, preset name; None = embedded SmolLM2) without loading weights."""
+    from plait.models.loader import load_hf_config, resolve_model
+    from plait.models.registry import model_config_from_hf
+
+    return model_config_from_hf(load_hf_config(resolve_model(model)))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """World = dp x pp x tp. Rank r of a replica is tensor rank r % tp of stage r // tp (as the engine numbers them)."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    partition: tuple[int, ...] | None = None  # layers per stage; None = as even as possible
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "dp"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"layout {name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def replica(self) -> int:
+        return self.tp * self.pp
+
+    @property
+    def world(self) -> int:
+        return self.replica * self.dp
+
+    @property
+    def name(self) -> str:
+        parts = [f"{k.upper()}{v}" for k, v in (("tp", self.tp), ("pp", self.pp), ("dp", self.dp)) if v > 1]
+        return "x".join(parts) or "TP1"
+
+    def check(self, m: ModelConfig) -> None:
+        """The engine's own checks: a ValueError for a layout it would refuse."""
+        check_tensor_parallel(self.tp, m.num_heads, m.num_kv_heads)
+        check_pipeline(m.num_layers, self.pp, self.partition)
+
+
+@dataclass(frozen=True)
+class _Position:
+    """A rank's place in its TP group: all `TensorParallel` reads of its communicator."""
+
+    rank: int
+    size: int
+
+
+@dataclass(frozen=True)
+class RankShard:
+    """The slice of the model one rank of a replica holds."""
+
+    stage: int
+    tp_rank: int
+    layers: range
+    q_heads: int
+    kv_heads: int  # includes KV heads replicated because this rank's query heads straddle them
+    intermediate: int
+    vocab_rows: int
+    vocab_rows_max: int  # the largest shard: what an uneven all-gather pads to
+    first: bool  # holds the embedding
+    last: bool  # holds the final norm and LM head
+
+
+@functools.lru_cache(maxsize=4096)
+def rank_shard(m: ModelConfig, layout: Layout, rank: int) -> RankShard:
+    """`rank` counts within one replica (0 .. tp*pp - 1)."""
+    assert 0 <= rank < layout.replica, f"rank {rank} outside a replica of {layout.replica} ranks"
+    stage, tp_rank = divmod(rank, layout.tp)
+    plan = TensorParallel(_Position(tp_rank, layout.tp))
+    heads = plan.heads(m.num_heads, m.num_kv_heads)
+    lo, hi = plan.split(m.intermediate_size)
+    sizes = plan.sizes(m.vocab_size)
+    return RankShard(
+        stage=stage, tp_rank=tp_rank,
+        layers=stage_layers(m.num_layers, layout.pp, layout.partition)[stage],
+        q_heads=heads.num_q, kv_heads=heads.num_kv, intermediate=hi - lo,
+        vocab_rows=sizes[tp_rank], vocab_rows_max=max(sizes),
+        first=stage == 0, last=stage == layout.pp - 1,
+    )
+
