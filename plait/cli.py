@@ -19,6 +19,8 @@ _ALIASES = {
     "tensor_parallel_size": ["--tp", "-tp"],
     "pipeline_parallel_size": ["--pp", "-pp"],
     "data_parallel_size": ["--dp", "-dp"],
+    "sequence_parallel_size": ["--sp", "-sp"],
+    "shift_parallel": ["--shift"],
 }
 
 
@@ -48,6 +50,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
     group.add_argument("model_pos", nargs="?", metavar="MODEL", help="same as --model")
     add_config_args(group, EngineConfig, _ALIASES)
+    group.add_argument("--profile-comm-dir", default="comm-profile", help="where --profile-comm writes its trace files")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -78,6 +81,10 @@ def _generate(args: argparse.Namespace) -> int:
                     sys.stdout.flush()
                     printed = len(text)
         sys.stdout.write("\n")
+        if engine.cfg.profile_comm:
+            from plait.comm.profiler import write_profile
+
+            write_profile(engine, args.profile_comm_dir)
     finally:
         llm.shutdown()
     return 0
@@ -86,7 +93,7 @@ def _generate(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from plait.server.launch import run_server
 
-    return run_server(engine_config_from_args(args), config_from_args(ServerConfig, args))
+    return run_server(engine_config_from_args(args), config_from_args(ServerConfig, args), args.profile_comm_dir)
 
 
 def _bench_serve(args: argparse.Namespace) -> int:
@@ -128,7 +135,46 @@ def build_parser() -> argparse.ArgumentParser:
     bench_serve = bench.add_parser("serve", help="load an OpenAI-compatible server and print vLLM's serving metrics")
     add_bench_serve_args(bench_serve)
     bench_serve.set_defaults(func=_bench_serve)
+    _add_comm(sub)
     return parser
+
+
+def _add_comm(sub) -> None:
+    """The communication tools: profile a run, calibrate the machine, plan a deployment (docs/communication.md)."""
+    from plait.bench.comm_profile import add_args as add_profile_args
+    from plait.plan.calibrate import add_args as add_calibrate_args
+    from plait.plan.command import add_args as add_plan_args
+
+    profile = sub.add_parser("profile", help="one fixed batch with every collective recorded and checked against the model")
+    add_engine_args(profile)
+    add_profile_args(profile)
+    profile.set_defaults(func=_profile)
+    calibrate = sub.add_parser("calibrate", help="measure collectives, matrix rate and bandwidth into a calibration file")
+    add_calibrate_args(calibrate)
+    calibrate.set_defaults(func=_calibrate)
+    plan = sub.add_parser("plan", help="predict and rank every TP x PP x DP layout of a model over N GPUs")
+    add_plan_args(plan)
+    plan.set_defaults(func=_plan)
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from plait.bench.comm_profile import main as profile_main
+
+    profile_main(args, engine_config_from_args(args))
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from plait.plan.calibrate import main as calibrate_main
+
+    calibrate_main(args)
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from plait.plan.command import main as plan_main
+
+    return plan_main(args)
 
 
 def _bench_latency(args: argparse.Namespace) -> int:

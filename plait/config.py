@@ -88,11 +88,18 @@ class ParallelConfig:
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
     pp_layer_partition: tuple[int, ...] | None = None  # layers per stage; None = as even as possible
+    sequence_parallel_size: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "sequence_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.sequence_parallel_size > 1 and (self.tensor_parallel_size > 1 or self.pipeline_parallel_size > 1):
+            raise ValueError(
+                f"sequence_parallel_size ({self.sequence_parallel_size}) with tensor_parallel_size "
+                f"({self.tensor_parallel_size}) or pipeline_parallel_size ({self.pipeline_parallel_size}) > 1 is not "
+                f"supported yet: use --sp alone (with --shift for tensor-parallel steps over the same ranks)"
+            )
         if self.pp_layer_partition is not None and len(self.pp_layer_partition) != self.pipeline_parallel_size:
             raise ValueError(
                 f"pp_layer_partition {list(self.pp_layer_partition)} has {len(self.pp_layer_partition)} entries; "
@@ -101,7 +108,7 @@ class ParallelConfig:
 
     @property
     def replica_world_size(self) -> int:
-        return self.tensor_parallel_size * self.pipeline_parallel_size
+        return self.tensor_parallel_size * self.pipeline_parallel_size * self.sequence_parallel_size
 
     @property
     def world_size(self) -> int:
@@ -124,6 +131,10 @@ class EngineConfig:
     pipeline_parallel_size: int = _help("Pipeline stages, each of tensor_parallel_size ranks.", default=1)
     data_parallel_size: int = _help("Independent replicas behind one front end (each TP x PP).", default=1)
     pp_layer_partition: str | None = _help("Layers per pipeline stage, comma-separated (default: even).", default=None)
+    sequence_parallel_size: int = _help("Ulysses sequence-parallel ranks: tokens split, heads exchanged.", default=1)
+    shift_parallel: bool = _help("Shift: steps of at most --shift-threshold tokens run tensor-parallel over the "
+                                 "sequence-parallel ranks (same KV cache).", default=False)
+    shift_threshold: int = _help("Scheduled tokens at or below which a Shift step runs tensor-parallel.", default=256)
     max_model_len: int | None = _help("Longest prompt + output, in tokens (default: the model's).", default=None)
     max_num_seqs: int = _help("Most sequences in one step.", default=64)
     max_num_batched_tokens: int | None = _help("Token budget of one step (default: 2048 or max_model_len).", default=None)
@@ -136,6 +147,8 @@ class EngineConfig:
     all_reduce_backend: str = _help("auto | nccl | symm_mem (P2P one/two-shot for messages up to 4 MB; auto = symm_mem on GPU).",
                                     default="auto")
     enforce_eager: bool = _help("Never replay decode steps from CUDA graphs.", default=False)
+    profile_comm: bool = _help("Record every collective (op, bytes, group, step, layer, time); runs eager "
+                               "(docs/communication.md).", default=False)
     seed: int = _help("Seed for dummy weights and for requests without their own seed.", default=0)
     master_port: int | None = _help("Port of the process-group rendezvous (default: a free one).", default=None)
 
@@ -148,6 +161,8 @@ class EngineConfig:
             raise ValueError(f"load_format must be auto, safetensors, gguf or dummy; got {self.load_format!r}")
         if self.all_reduce_backend not in ("auto", "nccl", "symm_mem"):
             raise ValueError(f"all_reduce_backend must be auto, nccl or symm_mem; got {self.all_reduce_backend!r}")
+        if self.shift_parallel and self.sequence_parallel_size == 1:
+            raise ValueError("shift_parallel needs sequence_parallel_size > 1: Shift switches between SP and TP over those ranks")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be auto, torch or triton; got {self.attention_backend!r}")
         self.parallel  # noqa: B018 - validates the degrees
@@ -167,7 +182,8 @@ class EngineConfig:
                 partition = tuple(int(n) for n in self.pp_layer_partition.split(","))
             except ValueError:
                 raise ValueError(f"pp_layer_partition must be comma-separated integers, got {self.pp_layer_partition!r}") from None
-        return ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size, self.data_parallel_size, partition)
+        return ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size, self.data_parallel_size, partition,
+                              self.sequence_parallel_size)
 
     def resolved_device(self) -> str:
         if self.device == "auto":

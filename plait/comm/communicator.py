@@ -1,13 +1,15 @@
 """The one door for collectives: model and runner code never call torch.distributed directly.
 
 A `Communicator` wraps one process group (or none, for a group of one rank, where every collective is the
-identity and costs nothing). Backends: NCCL on GPU, gloo on CPU. When a `CommRecorder` is attached, each
-call is recorded (op, group size, bytes, dtype) so the profiler and the tests see exactly what ran.
+identity and costs nothing). Backends: NCCL on GPU, gloo on CPU. When a `CommRecorder` is attached (the
+profiler, plait/comm/profiler.py), each call is recorded (op, group, bytes, dtype, and its time) so the profiler
+and the tests see exactly what ran.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -15,18 +17,41 @@ import torch.distributed as dist
 
 @dataclass
 class CommRecord:
+    """One collective as one rank ran it. `bytes` is this rank's buffer: the tensor reduced (all_reduce), its own
+    shard before padding (all_gather), the tensor sent or received (send / recv, with the other rank as `peer`)."""
+
     op: str
     group_size: int
     bytes: int
     dtype: str
+    group_ranks: tuple[int, ...] = ()  # global ranks of the group
+    peer: int | None = None
+    step: int = -1  # the step, its phase, and the module (hence layer) that issued it, as the profiler saw them
+    phase: str = ""
+    module: str = ""
+    layer: int | None = None
+    start_s: float = 0.0  # since the profiler started
+    duration_s: float = 0.0
 
 
-@dataclass
-class CommRecorder:
-    records: list[CommRecord] = field(default_factory=list)
+class CommRecorder(Protocol):
+    def begin(self, comm: "Communicator", op: str, t: torch.Tensor, peer: int | None) -> CommRecord | None: ...
 
-    def add(self, op: str, group_size: int, t: torch.Tensor) -> None:
-        self.records.append(CommRecord(op, group_size, t.numel() * t.element_size(), str(t.dtype)))
+    def end(self, record: CommRecord) -> None: ...
+
+
+class _Recording:
+    """`with comm._record(...)`: the collective inside the block is timed; it is counted as soon as it is made."""
+
+    def __init__(self, recorder: CommRecorder | None, record: CommRecord | None):
+        self.recorder, self.record = recorder, record
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc) -> None:
+        if self.record is not None:
+            self.recorder.end(self.record)
 
 
 class Communicator:
@@ -44,10 +69,10 @@ class Communicator:
     def single(cls) -> "Communicator":
         return cls(None)
 
-    def _record(self, op: str, t: torch.Tensor) -> None:
+    def _record(self, op: str, t: torch.Tensor, peer: int | None = None) -> _Recording:
+        """Record one collective on buffer t; wrap the collective in `with` so that it is timed too."""
         recorder = self.recorder if self.recorder is not None or self.parent is None else self.parent.recorder
-        if recorder is not None:
-            recorder.add(op, self.size, t)
+        return _Recording(recorder, recorder.begin(self, op, t, peer) if recorder is not None else None)
 
     def split(self, parts: list[list[int]]) -> "Communicator":
         """The communicator of this rank's part of a partition of this group (ranks as positions in it, each part
@@ -85,17 +110,17 @@ class Communicator:
         memory P2P (one-shot up to 256 KB, two-shot above), which beats NCCL below a few MB (../shared/DEVICE.md)."""
         if self.size == 1:
             return x
-        self._record("all_reduce", x)
-        buf = self.symm_buffer
-        if buf is not None and x.numel() <= buf.numel() and x.dtype == buf.dtype:
-            staged = buf[: x.numel()]
-            staged.copy_(x.reshape(-1))
-            if x.numel() * x.element_size() <= 256 * 1024:
-                return torch.ops.symm_mem.one_shot_all_reduce(staged, "sum", self.group.group_name).view(x.shape)
-            torch.ops.symm_mem.two_shot_all_reduce_(staged, "sum", self.group.group_name)
-            return x.copy_(staged.view(x.shape))
-        dist.all_reduce(x, group=self.group)
-        return x
+        with self._record("all_reduce", x):
+            buf = self.symm_buffer
+            if buf is not None and x.numel() <= buf.numel() and x.dtype == buf.dtype:
+                staged = buf[: x.numel()]
+                staged.copy_(x.reshape(-1))
+                if x.numel() * x.element_size() <= 256 * 1024:
+                    return torch.ops.symm_mem.one_shot_all_reduce(staged, "sum", self.group.group_name).view(x.shape)
+                torch.ops.symm_mem.two_shot_all_reduce_(staged, "sum", self.group.group_name)
+                return x.copy_(staged.view(x.shape))
+            dist.all_reduce(x, group=self.group)
+            return x
 
     def time_all_reduce(self, numel: int, dtype: torch.dtype, device: torch.device, ops: int = 20) -> float:
         """Seconds per all-reduce of `numel` elements, as decode runs them: captured `ops` at a time in a CUDA graph."""
@@ -129,28 +154,38 @@ class Communicator:
         if self.size == 1:
             return x
         assert len(sizes) == self.size and sizes[self.rank] == x.shape[dim], f"shard sizes {sizes} vs {tuple(x.shape)}"
-        self._record("all_gather", x)
-        moved = x.movedim(dim, 0).contiguous()
-        pad = max(sizes) - moved.shape[0]
-        if pad:
-            moved = torch.cat([moved, moved.new_zeros((pad, *moved.shape[1:]))])
-        parts = [torch.empty_like(moved) for _ in range(self.size)]
-        dist.all_gather(parts, moved, group=self.group)
-        return torch.cat([p[:n] for p, n in zip(parts, sizes)]).movedim(0, dim)
+        with self._record("all_gather", x):
+            moved = x.movedim(dim, 0).contiguous()
+            pad = max(sizes) - moved.shape[0]
+            if pad:
+                moved = torch.cat([moved, moved.new_zeros((pad, *moved.shape[1:]))])
+            parts = [torch.empty_like(moved) for _ in range(self.size)]
+            dist.all_gather(parts, moved, group=self.group)
+            return torch.cat([p[:n] for p, n in zip(parts, sizes)]).movedim(0, dim)
+
+    def all_to_all(self, x: torch.Tensor, send_sizes: list[int], recv_sizes: list[int]) -> torch.Tensor:
+        """x: 1-D, rank j's part is the send_sizes[j] elements after the previous parts; returns the received
+        parts (recv_sizes[i] from rank i) concatenated. Uneven parts are legal (uneven head splits)."""
+        if self.size == 1:
+            return x
+        with self._record("all_to_all", x):
+            out = x.new_empty(sum(recv_sizes))
+            dist.all_to_all_single(out, x.contiguous(), recv_sizes, send_sizes, group=self.group)
+            return out
 
     def send(self, x: torch.Tensor, dst: int) -> None:
         """Point-to-point to global rank `dst` (pipeline boundaries). Asynchronous, so a stage moves on to its next
         micro-batch; the handle keeps the tensor alive until sent, and at most a few sends stay outstanding."""
-        self._record("send", x)
-        while len(self._pending_sends) >= 4:
-            self._pending_sends.pop(0)[0].wait()
-        x = x.contiguous()
-        self._pending_sends.append((dist.isend(x, dst), x))
+        with self._record("send", x, peer=dst):  # times the wait for an old send plus the enqueue, not the transfer
+            while len(self._pending_sends) >= 4:
+                self._pending_sends.pop(0)[0].wait()
+            x = x.contiguous()
+            self._pending_sends.append((dist.isend(x, dst), x))
 
     def recv(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, src: int) -> torch.Tensor:
         x = torch.empty(shape, dtype=dtype, device=device)
-        dist.recv(x, src)
-        self._record("recv", x)
+        with self._record("recv", x, peer=src):  # includes waiting for the stage before to send
+            dist.recv(x, src)
         return x
 
     def barrier(self) -> None:

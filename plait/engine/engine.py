@@ -42,7 +42,8 @@ class LLMEngine:
         self.model_name = src.name
         hf_config = load_hf_config(src)
         self.model_config = model_config_from_hf(hf_config)
-        check_tensor_parallel(cfg.tensor_parallel_size, self.model_config.num_heads, self.model_config.num_kv_heads)
+        heads_split = cfg.tensor_parallel_size * cfg.sequence_parallel_size  # attention heads are split over both
+        check_tensor_parallel(heads_split, self.model_config.num_heads, self.model_config.num_kv_heads)
         check_track_parallel(cfg.parallel, self.model_config)
         par = cfg.parallel
         check_pipeline(self.model_config.num_layers, par.pipeline_parallel_size, par.pp_layer_partition)

@@ -11,6 +11,7 @@ import itertools
 
 import torch
 
+from plait.comm.profiler import CommProfiler
 from plait.config import EngineConfig
 from plait.core import StepPlan, StepResult
 from plait.engine.cuda_graph import DecodeGraphs, StepInputs
@@ -21,6 +22,7 @@ from plait.models.registry import build_model, model_config_from_hf
 from plait.models.weights import init_dummy_weights, load_weights
 from plait.parallel.context import RankContext
 from plait.parallel.pipeline import PipelineStage, stage_layers
+from plait.parallel.sequence import SequenceParallel
 from plait.parallel.tensor import TensorParallel
 
 _CPU_KV_BYTES = 1 << 30
@@ -35,6 +37,10 @@ class ModelRunner:
         src = resolve_model(cfg.model)
         self.model_cfg = model_config_from_hf(load_hf_config(src))
         self.dtype = cfg.torch_dtype(getattr(self.model_cfg.hf_config, "dtype", None))
+        if cfg.sequence_parallel_size > 1:
+            self.plan = SequenceParallel(ctx.tp, cfg.shift_threshold if cfg.shift_parallel else None)
+        else:
+            self.plan = TensorParallel(ctx.tp)
         self.model = self._load_model(src, max_model_len)
         self.max_model_len, self.max_num_batched_tokens = max_model_len, max_num_batched_tokens
         self.backend = cfg.resolved_attention_backend()
@@ -45,6 +51,8 @@ class ModelRunner:
             if not ok and cfg.all_reduce_backend == "symm_mem":
                 raise ValueError("all_reduce_backend='symm_mem' was asked for but symmetric memory is unavailable here")
         self.mirrors: dict[int, tuple[list[int], object, int]] = {}  # seq_id -> (tokens, params, prompt_len)
+        # Profiling records every collective; a replayed graph runs no Python, so profiling runs eager.
+        self.profiler = CommProfiler(ctx.rank, self.device, [ctx.tp, ctx.pipe], self.model) if cfg.profile_comm else None
 
     def _load_model(self, src, max_model_len: int) -> torch.nn.Module:
         """Build the rank's shard directly on its device in its dtype, then fill it slice by slice."""
@@ -52,7 +60,7 @@ class ModelRunner:
         torch.set_default_dtype(self.dtype)
         try:
             with torch.device(self.device):
-                model = build_model(self.model_cfg, TensorParallel(self.comm), max_model_len, self._stage_layers())
+                model = build_model(self.model_cfg, self.plan, max_model_len, self._stage_layers())
                 if self.ctx.num_stages > 1:
                     model = PipelineStage(model, self.ctx.stage, self.ctx.num_stages, self.ctx.pipe,
                                           self.ctx.prev_rank, self.ctx.next_rank)
@@ -100,20 +108,37 @@ class ModelRunner:
             attn.kv_cache = torch.zeros(
                 2, num_blocks + 1, self.cfg.block_size, attn.num_kv_heads, attn.head_dim, dtype=self.dtype, device=self.device
             )
-        if self.device.type == "cuda" and not self.cfg.enforce_eager and self.ctx.num_stages == 1:
+        self.scratch_block = num_blocks
+        if (self.device.type == "cuda" and not self.cfg.enforce_eager and self.ctx.num_stages == 1 and not self._sp
+                and self.profiler is None):
             self.graphs = DecodeGraphs(self.model, self.cfg.max_num_seqs, self.max_model_len, self.cfg.block_size,
                                        num_blocks, self.device)
             self.graphs.capture()
 
-    @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult | None:
+        """One step; when profiling, inside a profiler step tagged with the plan's shape."""
+        if self.profiler is None or not plan.seqs:
+            return self._execute(plan)
+        with self.profiler.step():
+            result = self._execute(plan)
+            self.profiler.tag([(s.start, len(s.token_ids)) for s in plan.seqs],
+                              [self.mirrors[s.seq_id][2] for s in plan.seqs], len(self._logit_rows(plan)[0]))
+        return result
+
+    @torch.inference_mode()
+    def _execute(self, plan: StepPlan) -> StepResult | None:
         self._update_mirrors(plan)
         if not plan.seqs:
             return StepResult() if self.sampler else None
         rows, sample_rows, prompt_spans = self._logit_rows(plan)
         inputs = self._inputs(plan)
+        if self._sp:
+            self.plan.choose_mode(len(inputs.ids))
         if self._graph_step(plan):
             logits = self.graphs.run(inputs)  # a decode step: every row is sampled
+        elif self._sp and not self.plan.shifted:
+            hidden = self._sequence_parallel_forward(inputs)
+            logits = self.model.compute_logits(hidden[rows]) if rows else None
         else:
             ids, positions, meta = self._prepare(inputs)
             hidden = self.model(ids, positions, meta)  # [T, hidden] on the last stage, None before it
@@ -121,6 +146,23 @@ class ModelRunner:
                 return None
             logits = self.model.compute_logits(hidden[rows]) if rows else None  # [N, vocab] on every last-stage rank
         return self._sample(plan, logits, sample_rows, prompt_spans) if self.sampler else None
+
+    @property
+    def _sp(self) -> bool:
+        return isinstance(self.plan, SequenceParallel)
+
+    def _sequence_parallel_forward(self, x: StepInputs) -> torch.Tensor:
+        """Each rank embeds and runs its 1/S of the tokens; attention sees them all through the head exchange.
+        Padding tokens (to a multiple of S) are one-token sequences in the scratch block. -> [T_padded, hidden]."""
+        size, rank = self.plan.size, self.plan.rank
+        pad = -len(x.ids) % size
+        bs = self.cfg.block_size
+        x = StepInputs(x.ids + [0] * pad, x.positions + [0] * pad, x.slots + [self.scratch_block * bs] * pad,
+                       x.seq_lens + [1] * pad, x.query_lens + [1] * pad, x.tables + [[self.scratch_block]] * pad)
+        ids, positions, meta = self._prepare(x)
+        local = len(x.ids) // size
+        hidden = self.model(ids[rank * local : (rank + 1) * local], positions, meta)  # [T/S, hidden]
+        return self.plan.sp.all_gather(hidden, [local] * size, dim=0)
 
     def _graph_step(self, plan: StepPlan) -> bool:
         return (

@@ -28,17 +28,26 @@ class Segment:
 
 
 class ColumnParallelLinear(nn.Module):
-    """y[:, segments] = x @ W[segments].T (+ b): no communication; the output stays sharded."""
+    """y[:, segments] = x @ W[segments].T (+ b): no communication; the output stays sharded.
 
-    def __init__(self, in_features: int, segments: list[Segment], bias: bool):
+    `shift_rows`: under Shift parallelism the layer holds every rank's rows (sequence-parallel mode); in a
+    tensor-parallel step (`plan.shifted`) it uses only this rank's rows, a view: no second copy of the weight.
+    """
+
+    def __init__(self, in_features: int, segments: list[Segment], bias: bool,
+                 shift_rows: tuple[int, int] | None = None, plan=None):
         super().__init__()
         self.in_features, self.segments = in_features, segments
+        self.shift_rows, self.plan = shift_rows, plan
         out = sum(s.rows for s in segments)
         self.weight = nn.Parameter(torch.empty(out, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out), requires_grad=False) if bias else None
         self.output_sizes = [s.rows for s in segments]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, in] -> [T, sum(rows)]
+        if self.shift_rows is not None and self.plan.shifted:
+            a, b = self.shift_rows
+            return nn.functional.linear(x, self.weight[a:b], None if self.bias is None else self.bias[a:b])
         return nn.functional.linear(x, self.weight, self.bias)
 
     def expected_shape(self, name: str, kind: str) -> tuple[int, ...]:
@@ -46,31 +55,40 @@ class ColumnParallelLinear(nn.Module):
         return (seg.full_rows, self.in_features) if kind == "weight" else (seg.full_rows,)
 
     def load(self, name: str, kind: str, read) -> None:
-        """read(dim, start, end) -> the checkpoint tensor's slice; `kind` is "weight" or "bias"."""
+        """read(dim, start, end) -> the checkpoint tensor's slice; `kind` is "weight" or "bias". A name may have
+        several segments (sequence parallelism groups every rank's q, k, v rows together)."""
         offset = 0
         for seg in self.segments:
             if seg.name == name:
                 dst = (self.weight if kind == "weight" else self.bias)[offset : offset + seg.rows]
                 dst.copy_(read(0, seg.start, seg.end))
-                return
             offset += seg.rows
-        raise KeyError(name)
 
     def _segment(self, name: str) -> Segment:
         return next(s for s in self.segments if s.name == name)
 
 
 class RowParallelLinear(nn.Module):
-    """y = sum over ranks of x_r @ W[:, cols_r].T, then + b once: one all-reduce per call."""
+    """y = sum over ranks of x_r @ W[:, cols_r].T, then + b once: one all-reduce per call.
 
-    def __init__(self, in_features: int, out_features: int, cols: tuple[int, int], comm: Communicator, bias: bool):
+    `shift`: (columns, group) of a tensor-parallel step under Shift parallelism, where the layer holds every
+    column (sequence-parallel mode, no reduce) and a shifted step uses a view of its own columns and reduces.
+    """
+
+    def __init__(self, in_features: int, out_features: int, cols: tuple[int, int], comm: Communicator, bias: bool,
+                 shift: tuple[tuple[int, int], Communicator] | None = None, plan=None):
         super().__init__()
         self.in_features, self.out_features, self.cols, self.comm = in_features, out_features, cols, comm
+        self.shift, self.plan = shift, plan
         self.weight = nn.Parameter(torch.empty(out_features, cols[1] - cols[0]), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, local in] -> [T, out], summed over ranks
-        y = self.comm.all_reduce(nn.functional.linear(x, self.weight))
+        if self.shift is not None and self.plan.shifted:
+            (a, b), comm = self.shift
+            y = comm.all_reduce(nn.functional.linear(x, self.weight[:, a - self.cols[0] : b - self.cols[0]]))
+        else:
+            y = self.comm.all_reduce(nn.functional.linear(x, self.weight))
         return y if self.bias is None else y + self.bias
 
     def expected_shape(self, name: str, kind: str) -> tuple[int, ...]:

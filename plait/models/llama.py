@@ -1,7 +1,8 @@
 """The Llama family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2), written once for any parallel plan.
 
 Family differences are flags of `ModelConfig` (qkv bias, per-head q/k norm), not subclasses. Which rows a
-rank holds and where partial sums are reduced is decided by the `TensorParallel` plan given to the layers.
+rank holds, where partial sums are reduced and how heads move between ranks is decided by the parallel plan
+(tensor, sequence or shift) that builds the parallel layers.
 """
 
 from __future__ import annotations
@@ -10,10 +11,8 @@ import torch
 from torch import nn
 
 from plait.config import ModelConfig
-from plait.layers.activation import silu_mul
 from plait.layers.attention import AttentionMetadata, PagedAttention
 from plait.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from plait.layers.linear import ColumnParallelLinear, RowParallelLinear, Segment
 from plait.layers.norm import RMSNorm
 from plait.layers.rotary import RotaryEmbedding
 from plait.parallel.tensor import TensorParallel
@@ -22,45 +21,31 @@ from plait.parallel.tensor import TensorParallel
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, plan: TensorParallel, rope: RotaryEmbedding):
         super().__init__()
-        D = cfg.head_dim
-        heads = plan.heads(cfg.num_heads, cfg.num_kv_heads)
-        self.num_q, self.num_kv, self.head_dim = heads.num_q, heads.num_kv, D
-        self.qkv_proj = ColumnParallelLinear(
-            cfg.hidden_size,
-            [
-                Segment("q_proj", cfg.num_heads * D, heads.q_start * D, heads.q_end * D),
-                Segment("k_proj", cfg.num_kv_heads * D, heads.kv_start * D, heads.kv_end * D),
-                Segment("v_proj", cfg.num_kv_heads * D, heads.kv_start * D, heads.kv_end * D),
-            ],
-            bias=cfg.qkv_bias,
-        )
-        self.o_proj = RowParallelLinear(cfg.num_heads * D, cfg.hidden_size, (heads.q_start * D, heads.q_end * D), plan.comm, cfg.o_bias)
+        H, KV, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        heads = plan.heads(H, KV)  # the heads this rank attends with
+        self.qkv_proj = plan.qkv_proj(cfg.hidden_size, H, KV, D, cfg.qkv_bias)
+        self.heads = plan.head_exchange(H, KV, D)
         self.q_norm = RMSNorm(D, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(D, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.attn = PagedAttention(heads.num_q, heads.num_kv, D, heads.kv_index(), rope)
+        self.o_proj = plan.o_proj(H, KV, D, cfg.hidden_size, cfg.o_bias)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split(self.qkv_proj.output_sizes, dim=-1)
-        q = q.view(-1, self.num_q, self.head_dim)  # [T, heads, D]
-        k = k.view(-1, self.num_kv, self.head_dim)
-        v = v.view(-1, self.num_kv, self.head_dim)
+        q, k, v = self.heads.qkv(self.qkv_proj(x))  # [T, heads, D], [T, kv_heads, D] x 2
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        return self.o_proj(self.attn(q, k, v, positions, meta))
+        return self.o_proj(self.heads.out(self.attn(q, k, v, positions, meta)))
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, plan: TensorParallel):
         super().__init__()
-        start, end = plan.split(cfg.intermediate_size)
-        inter = cfg.intermediate_size
-        self.gate_up_proj = ColumnParallelLinear(
-            cfg.hidden_size, [Segment("gate_proj", inter, start, end), Segment("up_proj", inter, start, end)], cfg.mlp_bias
-        )
-        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, (start, end), plan.comm, cfg.mlp_bias)
+        self.gate_up_proj = plan.gate_up_proj(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
+        self.act = plan.activation(cfg.intermediate_size)  # silu(gate) * up
+        self.down_proj = plan.down_proj(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

@@ -11,6 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from plait.comm.communicator import Communicator
+from plait.layers.activation import silu_mul
+from plait.layers.heads import HeadExchange
+from plait.layers.linear import ColumnParallelLinear, RowParallelLinear, Segment
 
 
 def split_range(n: int, parts: int, index: int) -> tuple[int, int]:
@@ -42,7 +45,13 @@ class HeadShard:
 
 
 class TensorParallel:
-    """The plan handed to every layer: slices for this rank and the communicator of the TP group."""
+    """The plan handed to every layer: slices for this rank and the communicator of the TP group.
+
+    The model asks the plan for its parallel layers (`qkv_proj`, `o_proj`, ...), so which rows a rank holds and
+    where partial sums are reduced is decided here, not in the model.
+    """
+
+    shifted = False  # only a Shift plan ever runs a step in another mode
 
     def __init__(self, comm: Communicator):
         self.comm = comm
@@ -65,6 +74,39 @@ class TensorParallel:
         q_start, q_end = self.split(num_heads)
         group = num_heads // num_kv_heads
         return HeadShard(q_start, q_end, q_start // group, -(-q_end // group), group)
+
+
+    def qkv_proj(self, hidden: int, H: int, KV: int, D: int, bias: bool) -> ColumnParallelLinear:
+        return ColumnParallelLinear(hidden, qkv_segments(self.heads(H, KV), H, KV, D), bias)
+
+    def head_exchange(self, H: int, KV: int, D: int) -> HeadExchange:
+        h = self.heads(H, KV)
+        return HeadExchange([(h.num_q, h.num_kv)], 0, D)
+
+    def o_proj(self, H: int, KV: int, D: int, hidden: int, bias: bool) -> RowParallelLinear:
+        h = self.heads(H, KV)
+        return RowParallelLinear(H * D, hidden, (h.q_start * D, h.q_end * D), self.comm, bias)
+
+    def gate_up_proj(self, hidden: int, inter: int, bias: bool) -> ColumnParallelLinear:
+        return ColumnParallelLinear(hidden, gate_up_segments(inter, *self.split(inter)), bias)
+
+    def activation(self, inter: int):
+        return silu_mul
+
+    def down_proj(self, inter: int, hidden: int, bias: bool) -> RowParallelLinear:
+        return RowParallelLinear(inter, hidden, self.split(inter), self.comm, bias)
+
+
+def qkv_segments(h: HeadShard, H: int, KV: int, D: int) -> list[Segment]:
+    return [
+        Segment("q_proj", H * D, h.q_start * D, h.q_end * D),
+        Segment("k_proj", KV * D, h.kv_start * D, h.kv_end * D),
+        Segment("v_proj", KV * D, h.kv_start * D, h.kv_end * D),
+    ]
+
+
+def gate_up_segments(inter: int, start: int, end: int) -> list[Segment]:
+    return [Segment("gate_proj", inter, start, end), Segment("up_proj", inter, start, end)]
 
 
 def check_tensor_parallel(tp: int, num_heads: int, num_kv_heads: int) -> None:

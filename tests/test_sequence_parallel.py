@@ -1,0 +1,69 @@
+"""Ulysses sequence parallelism and Shift (SP <-> TP per step, one KV cache) against the single-rank run."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import random_prompts
+from plait import LLM, SamplingParams
+from test_tensor_parallel import PARAMS, assert_same, run
+
+
+@pytest.mark.parametrize(
+    "family,kw",
+    [
+        ("llama", dict(sequence_parallel_size=2)),  # 9 query / 3 KV heads: uneven heads, a KV head on both ranks
+        ("llama", dict(sequence_parallel_size=3)),
+        ("llama3", dict(sequence_parallel_size=4)),  # 2 KV heads over 4 ranks: KV-head replication
+        ("qwen3", dict(sequence_parallel_size=2)),  # per-head q/k norm after the exchange
+        # Shift: prefill steps (many tokens) run SP, decode steps (5 tokens <= 6) run TP, over one KV cache
+        ("llama", dict(sequence_parallel_size=3, shift_parallel=True, shift_threshold=6)),
+        ("qwen2", dict(sequence_parallel_size=2, shift_parallel=True, shift_threshold=6)),
+    ],
+)
+def test_sequence_and_shift_parallel_match_single_rank(checkpoints, family, kw):
+    folder, _ = checkpoints[family]
+    prompts = random_prompts(5, seed=7)
+    assert_same(run(folder, 1, prompts, **kw), run(folder, 1, prompts))
+
+
+def test_shift_with_requests_arriving_and_finishing_matches_solo_runs(checkpoints):
+    """Steps switch SP <-> TP as prefills come and go; every output equals that request run alone."""
+    folder, _ = checkpoints["llama"]
+    prompts = random_prompts(12, lo=2, hi=40, seed=9)
+    lengths = [3 + i % 7 for i in range(len(prompts))]
+    llm = LLM(folder, sequence_parallel_size=2, shift_parallel=True, shift_threshold=8, dtype="float32",
+              device="cpu", max_model_len=128, max_num_batched_tokens=32)
+    engine, outs = llm.engine, {}
+    try:
+        pending = list(enumerate(prompts))
+        while pending or engine.has_unfinished_requests():
+            for _ in range(2):  # two arrivals per step while any are left
+                if pending:
+                    i, p = pending.pop(0)
+                    engine.add_request(p, SamplingParams(temperature=0, max_tokens=lengths[i], ignore_eos=True), str(i))
+            for out in engine.step():
+                if out.finished:
+                    outs[int(out.request_id)] = out.outputs[0].token_ids
+    finally:
+        llm.shutdown()
+    solo = LLM(folder, dtype="float32", device="cpu", max_model_len=128)
+    try:
+        for i, p in enumerate(prompts):
+            ref = solo.generate([p], SamplingParams(temperature=0, max_tokens=lengths[i], ignore_eos=True), use_tqdm=False)
+            assert outs[i] == ref[0].outputs[0].token_ids, f"request {i}"
+    finally:
+        solo.shutdown()
+
+
+@pytest.mark.slow
+def test_smollm2_sequence_parallel_matches_single_rank():
+    prompts = [[1, 504, 3575, 282, 4649, 314], [1, 9690, 198, 2683, 359, 253, 5356]]
+    assert_same(run(None, 1, prompts, sequence_parallel_size=2), run(None, 1, prompts))
+
+
+def test_sequence_parallel_refusals():
+    with pytest.raises(ValueError, match="shift_parallel needs sequence_parallel_size > 1"):
+        LLM(shift_parallel=True)
+    with pytest.raises(ValueError, match=r"sequence_parallel_size \(2\) with tensor_parallel_size \(2\)"):
+        LLM(sequence_parallel_size=2, tensor_parallel_size=2)
