@@ -16,6 +16,7 @@ import torch
 from plait.bench import floors
 from plait.bench.results import write_result
 from plait.config import EngineConfig
+from plait.engine.data_parallel import make_engine
 from plait.engine.engine import LLMEngine
 from plait.sampling_params import SamplingParams
 
@@ -74,6 +75,20 @@ def profile_decode(engine: LLMEngine, args, device: str) -> list[dict]:
     return rows
 
 
+def parallel_label(cfg: EngineConfig) -> str:
+    """'tp2', 'pp2', 'tp2xpp2', 'dp4', 'sp4', 'shift4' ...: the configuration in one word."""
+    parts = [f"{name}{n}" for name, n in (("dp", cfg.data_parallel_size), ("tp", cfg.tensor_parallel_size),
+                                          ("pp", cfg.pipeline_parallel_size)) if n > 1]
+    if cfg.sequence_parallel_size > 1:
+        parts.append(f"{'shift' if cfg.shift_parallel else 'sp'}{cfg.sequence_parallel_size}")
+    return "x".join(parts) or "tp1"
+
+
+def _multi_rank(engine) -> bool:
+    """One replica over several ranks: its executor can time its ranks and their all-reduces."""
+    return getattr(engine, "executor", None) is not None and engine.executor.world > 1
+
+
 def _p(values: list[float], q: float) -> float:
     return sorted(values)[min(len(values) - 1, int(q * len(values)))]
 
@@ -82,25 +97,29 @@ def main(args: argparse.Namespace, cfg: EngineConfig) -> dict:
     cfg = cfg.replace(max_num_seqs=max(cfg.max_num_seqs, args.batch_size),
                       max_num_batched_tokens=max(cfg.max_num_batched_tokens or 0, args.batch_size * args.input_len),
                       max_model_len=cfg.max_model_len or args.input_len + args.output_len + 16)
-    engine = LLMEngine(cfg)
+    engine = make_engine(cfg)
     device = cfg.resolved_device()
     try:
         for _ in range(args.num_iters_warmup):
             run_once(engine, args, device)
         ttfts, tpots = [], []
-        if cfg.tensor_parallel_size > 1:
+        if _multi_rank(engine):
             engine.executor.call("step_times")
         for _ in range(args.num_iters):
             ttft, steps = run_once(engine, args, device)
             ttfts.append(ttft)
             tpots += steps
         result = _report(engine, args, cfg, device, ttfts, tpots)
-        if cfg.tensor_parallel_size > 1:  # time inside each rank's execute vs the driver's step: the rest is IPC
+        if _multi_rank(engine):  # time inside each rank's execute vs the driver's step: the rest is IPC
             times = engine.executor.call("step_times")
             result["rank_execute_ms"] = [t.execute_s / max(t.steps, 1) * 1e3 for t in times]
             print(f"  per-step time inside execute, by rank: {[round(v, 3) for v in result['rank_execute_ms']]} ms")
         if args.profile:
             result["profile"] = profile_decode(engine, args, device)
+        if cfg.profile_comm:
+            from plait.comm.profiler import write_profile
+
+            result["comm"] = write_profile(engine, args.profile_comm_dir).phase_table()
     finally:
         engine.shutdown()
     write_result(result, args.output_json)
@@ -108,13 +127,16 @@ def main(args: argparse.Namespace, cfg: EngineConfig) -> dict:
 
 
 def _report(engine, args, cfg, device, ttfts, tpots) -> dict:
-    m, tp = engine.model_config, cfg.tensor_parallel_size
+    m = engine.model_config
+    # Ranks that split each weight in a decode step: TP, or all SP ranks when Shift runs decode tensor-parallel.
+    tp = cfg.tensor_parallel_size * (cfg.sequence_parallel_size if cfg.shift_parallel else 1)
     itemsize = torch.empty(0, dtype=cfg.torch_dtype()).element_size()
     result = {
         "benchmark": "latency",
         "model": engine.model_name,
         "model_shape": {k: getattr(m, k) for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "vocab_size")},
-        "tensor_parallel_size": tp,
+        "tensor_parallel_size": cfg.tensor_parallel_size,
+        "parallel": parallel_label(cfg),
         "dtype": str(cfg.torch_dtype()).removeprefix("torch."),
         "batch_size": args.batch_size, "input_len": args.input_len, "output_len": args.output_len,
         "ttft_ms": {"median": statistics.median(ttfts) * 1e3, "p90": _p(ttfts, 0.9) * 1e3},
@@ -125,13 +147,13 @@ def _report(engine, args, cfg, device, ttfts, tpots) -> dict:
         bw, rate = floors.hbm_bandwidth(), floors.matmul_rate()
         mean_ctx = args.input_len + args.output_len / 2
         decode_floor = floors.decode_floor_s(m, itemsize, int(args.batch_size * mean_ctx), tp, bw)
-        if tp > 1:  # the floor of TP adds two all-reduces per layer at the measured small-message latency
+        if tp > 1 and _multi_rank(engine):  # TP adds two all-reduces per layer at the measured small-message latency
             all_reduce_s = engine.executor.call("all_reduce_latency")[0]
             decode_floor += 2 * m.num_layers * all_reduce_s
         prefill_floor = floors.prefill_flops(m, [args.input_len] * args.batch_size) / tp / rate
         result["floors"] = {
             "hbm_bandwidth_tb_s": bw / 1e12, "matmul_tflop_s": rate / 1e12,
-            "all_reduce_us": all_reduce_s * 1e6 if tp > 1 else 0.0,
+            "all_reduce_us": all_reduce_s * 1e6 if tp > 1 and _multi_rank(engine) else 0.0,
             "decode_ms": decode_floor * 1e3, "prefill_ms": prefill_floor * 1e3,
             "tpot_over_floor": result["tpot_ms"]["median"] / (decode_floor * 1e3),
             "ttft_over_floor": result["ttft_ms"]["median"] / (prefill_floor * 1e3),
@@ -141,7 +163,7 @@ def _report(engine, args, cfg, device, ttfts, tpots) -> dict:
 
 
 def table(r: dict) -> str:
-    lines = [f"{r['model']} tp={r['tensor_parallel_size']} bs={r['batch_size']} in={r['input_len']} out={r['output_len']} {r['dtype']}"]
+    lines = [f"{r['model']} {r['parallel']} bs={r['batch_size']} in={r['input_len']} out={r['output_len']} {r['dtype']}"]
     f = r.get("floors")
     for key, floor_key in (("ttft_ms", "prefill_ms"), ("tpot_ms", "decode_ms")):
         v = r[key]

@@ -68,18 +68,35 @@ def test_bf16_matches_transformers(checkpoint):
         torch.testing.assert_close(ours, ref, atol=0.05, rtol=0.02)  # bf16: ~1% of a logprob
 
 
+def _fp32_run(folder: str, **kw):
+    llm = LLM(folder, dtype="float32", device="cuda", max_model_len=512, kv_cache_memory_bytes=1 << 30, **kw)
+    try:
+        return llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+    finally:
+        llm.shutdown()
+
+
+@pytest.fixture(scope="module")
+def single_rank_fp32(checkpoint):
+    return _fp32_run(checkpoint[0])
+
+
+MULTI_GPU = [
+    dict(tensor_parallel_size=2),
+    dict(pipeline_parallel_size=2),
+    dict(data_parallel_size=2),
+    dict(sequence_parallel_size=2),
+    dict(sequence_parallel_size=2, shift_parallel=True, shift_threshold=8),  # prefill SP, decode TP
+    dict(tensor_parallel_size=2, all_reduce_backend="nccl"),
+]
+
+
 @needs_cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_tp2_over_nccl_matches_tp1(checkpoint):
-    folder, _ = checkpoint
-    results = {}
-    for tp in (1, 2):
-        llm = LLM(folder, tensor_parallel_size=tp, dtype="float32", device="cuda", max_model_len=512, kv_cache_memory_bytes=1 << 30)
-        try:
-            results[tp] = llm.generate(PROMPTS, PARAMS, use_tqdm=False)
-        finally:
-            llm.shutdown()
-    for a, b in zip(results[1], results[2]):
+@pytest.mark.parametrize("kw", MULTI_GPU, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_two_gpu_modes_match_single_rank(checkpoint, single_rank_fp32, kw):
+    """TP (symmetric-memory and NCCL all-reduce, in CUDA graphs), PP, DP, SP and Shift over 2 GPUs, fp32."""
+    for a, b in zip(single_rank_fp32, _fp32_run(checkpoint[0], **kw)):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         la = torch.tensor([p[t].logprob for p, t in zip(a.outputs[0].logprobs, a.outputs[0].token_ids)])
         lb = torch.tensor([p[t].logprob for p, t in zip(b.outputs[0].logprobs, b.outputs[0].token_ids)])
