@@ -8,6 +8,9 @@ Ownership:
 - `StepResult` is made by the rank that holds the LM head's output (the sampler rank) and read by the engine.
 - Ranks keep a mirror of each live sequence's tokens (`SeqData`, sent once, then extended by the plan's
   tokens), so a step's plan carries only the new tokens.
+- With asynchronous scheduling the driver plans step N+1 before it knows step N's tokens: a position whose
+  token is the one sampled last step is sent as `PLACEHOLDER`, the ranks read it from their device-side copy of
+  the last sampled tokens, and the real id follows in a later plan's `late_tokens` (docs/step_loop.md).
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ import time
 from dataclasses import dataclass, field
 
 from plait.sampling_params import SamplingParams
+
+# A plan's token id for "the token this sequence sampled in the previous step", not yet known to the driver.
+PLACEHOLDER = -1
 
 
 class SeqStatus(enum.Enum):
@@ -53,6 +59,8 @@ class StepPlan:
     seqs: list[ScheduledSeq]
     new_seqs: list[SeqData] = field(default_factory=list)
     finished_seq_ids: list[int] = field(default_factory=list)
+    # (seq_id, position, token): ids an earlier plan sent as PLACEHOLDER, now known, for the ranks' mirrors
+    late_tokens: list[tuple[int, int, int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -74,6 +82,18 @@ class StepResult:
     logprobs: dict[int, TokenLogprobs] = field(default_factory=dict)  # seq_id -> the sampled token's logprobs
     prompt_logprobs: dict[int, list[TokenLogprobs]] = field(default_factory=dict)  # seq_id -> per predicted token
 
+    @classmethod
+    def merge(cls, parts: list[StepResult | None]) -> StepResult:
+        """One result from the ranks' answers: the sampler rank's alone, or each rank's share when sampling is
+        spread over the tensor-parallel ranks (their sequences are disjoint). Ranks that sample nothing send None."""
+        merged = cls()
+        for part in parts:
+            if part is not None:
+                merged.sampled.update(part.sampled)
+                merged.logprobs.update(part.logprobs)
+                merged.prompt_logprobs.update(part.prompt_logprobs)
+        return merged
+
 
 _seq_counter = itertools.count()
 
@@ -89,7 +109,8 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     seq_id: int = field(default_factory=lambda: next(_seq_counter))
     status: SeqStatus = SeqStatus.WAITING
-    num_computed_tokens: int = 0
+    num_computed_tokens: int = 0  # scheduled so far: advanced when a plan is made, reset by preemption
+    num_pending: int = 0  # tokens sampled by plans in flight, not yet known here (asynchronous scheduling)
     num_preemptions: int = 0
     finish_reason: str | None = None
     stop_reason: int | str | None = None

@@ -95,9 +95,9 @@ def make_optimizer(model: PTModel, cfg: TrainConfig) -> torch.optim.AdamW:
 
 
 def train(model_cfg: PTConfig, cfg: TrainConfig, data: np.ndarray, val: np.ndarray, out: str, device: torch.device,
-          dtype: torch.dtype = torch.float32, info: dict | None = None, log=print) -> dict:
-    """Run (or resume) one training run in `out`; returns the result (with `info` merged in), also written to
-    out/result.json."""
+          dtype: torch.dtype = torch.float32, info: dict | None = None, log=print) -> tuple[PTModel, dict]:
+    """Run (or resume) one training run in `out`; returns the model and the result (with `info` merged in), also
+    written to out/result.json."""
     torch.manual_seed(cfg.seed)
     model = PTModel(model_cfg).to(device)
     opt = make_optimizer(model, cfg)
@@ -140,7 +140,7 @@ def train(model_cfg: PTConfig, cfg: TrainConfig, data: np.ndarray, val: np.ndarr
     with open(os.path.join(out, "result.json"), "w") as f:
         json.dump(result, f, indent=2)
     log(f"held-out loss {val_loss:.4f} nats/byte ({result['val_bits_per_byte']:.4f} bits/byte), {step} steps, {wall:.0f} s")
-    return result
+    return model, result
 
 
 def _save_state(path: str, model, opt, step: int, curve: list, elapsed: float) -> None:

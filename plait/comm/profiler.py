@@ -1,9 +1,9 @@
 """Where a run's communication time goes: every collective of every rank, with its step, phase, layer and time.
 
-Rank side: a `CommProfiler` is the recorder of a rank's communicators (they wrap each collective in `record`)
+Rank side: a `CommProfiler` is the recorder of a rank's communicators (they wrap each collective in `_record`)
 and hooks the rank's model (forward hooks on the modules that hold a communicator name the module, hence the
-layer, that issued each collective). The model runner wraps each step in `step(...)`, which tags the phase
-(prefill / decode / mixed) and the step's shape (tokens, sequences, logits rows).
+layer, that issued each collective). The model runner wraps each step in `step()` and `tag`s it with its shape
+(chunks, logits rows), from which the phase follows (prefill / decode / mixed).
 
 Timing: `time.perf_counter` on CPU, where gloo collectives are synchronous; CUDA events on GPU, resolved at the
 end of each step (profiling synchronises once per step). A replayed CUDA graph runs no Python, so nothing could be
@@ -54,12 +54,13 @@ class StepRecord:
 
 @dataclass
 class RankTrace:
-    """What one rank recorded since the last drain."""
+    """What one rank recorded since the last drain. rank counts within its replica."""
 
     rank: int
     records: list[CommRecord]
     steps: list[StepRecord]
     dropped_records: int = 0
+    replica: int = 0  # data-parallel replica
 
 
 def step_phase(starts: list[int], prompt_lens: list[int]) -> str:
@@ -82,7 +83,7 @@ class CommProfiler:
         self._step: StepRecord | None = None
         self._step_records: list[CommRecord] = []  # every record of the step in progress, kept past the cap too
         self._step_count = 0
-        self._pending: list[tuple[CommRecord, object, object]] = []  # GPU: (record, start event, end event)
+        self._pending: list[tuple[CommRecord, object, object | None]] = []  # GPU: (record, start event, end event)
         self._ranks: dict[int, tuple[int, ...]] = {}
         self._t0 = time.perf_counter()
         self._ref = self._event() if self.cuda else None
@@ -98,11 +99,17 @@ class CommProfiler:
 
     def _hook(self, model: nn.Module) -> None:
         """Name every module that holds a communicator, so each record says which one issued it."""
+        def enter(label: str) -> None:
+            self._modules.append(label)
+
+        def leave() -> None:  # a forward hook that returned a value would replace the module's output
+            self._modules.pop()
+
         for name, module in model.named_modules():
             if any(isinstance(v, Communicator) for v in vars(module).values()):
                 label = name or type(module).__name__
-                module.register_forward_pre_hook(lambda _m, _a, label=label: self._modules.append(label))
-                module.register_forward_hook(lambda _m, _a, _o: self._modules.pop())
+                module.register_forward_pre_hook(lambda _m, _a, label=label: enter(label))
+                module.register_forward_hook(lambda _m, _a, _o: leave())
 
     def _group_ranks(self, comm: Communicator) -> tuple[int, ...]:
         key = id(comm)
@@ -110,27 +117,31 @@ class CommProfiler:
             self._ranks[key] = tuple(dist.get_process_group_ranks(comm.group)) if comm.group is not None else (self.rank,)
         return self._ranks[key]
 
-    @contextlib.contextmanager
-    def record(self, comm: Communicator, op: str, t: torch.Tensor, peer: int | None = None) -> Iterator[None]:
-        """Around one collective of `comm` on buffer t (for all_gather: this rank's own shard)."""
+    def begin(self, comm: Communicator, op: str, t: torch.Tensor, peer: int | None) -> CommRecord | None:
+        """A collective of `comm` on buffer t (for all_gather: this rank's own shard) is about to run."""
         if self.cuda and torch.cuda.is_current_stream_capturing():  # inside a graph capture: nothing to time
-            yield
-            return
+            return None
         module = self._modules[-1] if self._modules else ""
         layer = _LAYER.search(module)
-        step = self._step
         rec = CommRecord(op, comm.size, t.numel() * t.element_size(), str(t.dtype).removeprefix("torch."),
-                         group_ranks=self._group_ranks(comm), peer=peer, step=step.step if step else -1,
-                         phase=step.phase if step else "", module=module, layer=int(layer.group(1)) if layer else None)
+                         group_ranks=self._group_ranks(comm), peer=peer, step=self._step.step if self._step else -1,
+                         module=module, layer=int(layer.group(1)) if layer else None)
         if self.cuda:
-            start = self._event()
-            yield
-            self._pending.append((rec, start, self._event()))
+            self._pending.append((rec, self._event(), None))
         else:
-            begin = time.perf_counter()
-            yield
-            rec.start_s, rec.duration_s = begin - self._t0, time.perf_counter() - begin
+            rec.start_s = time.perf_counter() - self._t0
         self._keep(rec)
+        return rec
+
+    def end(self, rec: CommRecord) -> None:
+        """The collective begun as `rec` has been issued (on GPU: enqueued; its end event is timed later)."""
+        if self.cuda:
+            for i in range(len(self._pending) - 1, -1, -1):
+                if self._pending[i][0] is rec:
+                    self._pending[i] = (rec, self._pending[i][1], self._event())
+                    break
+        else:
+            rec.duration_s = time.perf_counter() - self._t0 - rec.start_s
 
     def _keep(self, rec: CommRecord) -> None:
         if self._step is not None:
@@ -143,10 +154,9 @@ class CommProfiler:
             self.dropped += 1
 
     @contextlib.contextmanager
-    def step(self, chunks: list[tuple[int, int]], prompt_lens: list[int], logit_rows: int) -> Iterator[None]:
-        """Around one plan's execution on this rank; chunks are (start, new tokens) per scheduled sequence."""
-        phase = step_phase([s for s, _ in chunks], prompt_lens)
-        rec = StepRecord(self._step_count, phase, sum(n for _, n in chunks), len(chunks), logit_rows, chunks)
+    def step(self) -> Iterator[None]:
+        """Around one plan's execution on this rank; `tag` says what the plan was before the block ends."""
+        rec = StepRecord(self._step_count, "", 0, 0, 0, [])
         self._step_count += 1
         self._step = rec
         start = self._event() if self.cuda else time.perf_counter()
@@ -166,9 +176,19 @@ class CommProfiler:
             if len(self.steps) < self.max_records:
                 self.steps.append(rec)
 
+    def tag(self, chunks: list[tuple[int, int]], prompt_lens: list[int], logit_rows: int) -> None:
+        """What the step in progress ran: (start, new tokens) and prompt length per sequence, and logits rows."""
+        rec = self._step
+        assert rec is not None, "tag() outside step()"
+        rec.phase = step_phase([s for s, _ in chunks], prompt_lens)
+        rec.chunks, rec.tokens, rec.seqs, rec.logit_rows = chunks, sum(n for _, n in chunks), len(chunks), logit_rows
+        for r in self._step_records:
+            r.phase = rec.phase
+
     def _resolve(self) -> None:
-        for rec, start, end in self._pending:
-            rec.start_s, rec.duration_s = self._ref.elapsed_time(start) / 1e3, start.elapsed_time(end) / 1e3
+        for rec, start, end in self._pending:  # end is None for a collective counted but never timed
+            rec.start_s = self._ref.elapsed_time(start) / 1e3
+            rec.duration_s = start.elapsed_time(end) / 1e3 if end is not None else 0.0
         self._pending.clear()
 
     def drain(self) -> RankTrace:
@@ -189,6 +209,7 @@ class StepSummary:
     """One step over all ranks: collectives, bytes and comm time are per rank (mean over ranks; with a pipeline the
     stages differ), the step time is the slowest rank's."""
 
+    replica: int
     step: int
     phase: str
     tokens: int
@@ -211,15 +232,15 @@ class CommTrace:
     ranks: list[RankTrace] = field(default_factory=list)
 
     def summary(self) -> list[StepSummary]:
-        by_step: dict[int, list[StepRecord]] = {}
+        by_step: dict[tuple[int, int], list[StepRecord]] = {}
         for rt in self.ranks:
             for s in rt.steps:
-                by_step.setdefault(s.step, []).append(s)
+                by_step.setdefault((rt.replica, s.step), []).append(s)
         out = []
-        for step, recs in sorted(by_step.items()):
+        for (replica, step), recs in sorted(by_step.items()):
             n = len(recs)
             first = recs[0]
-            out.append(StepSummary(step, first.phase, first.tokens, first.seqs, sum(r.collectives for r in recs) / n,
+            out.append(StepSummary(replica, step, first.phase, first.tokens, first.seqs, sum(r.collectives for r in recs) / n,
                                    sum(r.bytes for r in recs) / n, sum(r.comm_s for r in recs) / n,
                                    max(r.duration_s for r in recs)))
         return out
@@ -251,16 +272,19 @@ class CommTrace:
         }
 
     def to_chrome(self) -> dict:
-        """Chrome trace events: one process per rank, steps on thread 0, collectives on thread 1 (times in us)."""
+        """Chrome trace events: one process per rank, steps on thread 0, collectives on thread 1 (times in us).
+        Each rank's clock starts at its profiler's start, so ranks line up to within their start-up skew."""
         events = []
         for rt in self.ranks:
-            events.append({"name": "process_name", "ph": "M", "pid": rt.rank, "args": {"name": f"rank {rt.rank}"}})
+            pid = rt.replica * 1000 + rt.rank
+            name = f"replica {rt.replica} rank {rt.rank}" if self.meta.get("data_parallel_size", 1) > 1 else f"rank {rt.rank}"
+            events.append({"name": "process_name", "ph": "M", "pid": pid, "args": {"name": name}})
             for s in rt.steps:
-                events.append({"name": f"step {s.step} {s.phase}", "cat": "step", "ph": "X", "pid": rt.rank, "tid": 0,
+                events.append({"name": f"step {s.step} {s.phase}", "cat": "step", "ph": "X", "pid": pid, "tid": 0,
                                "ts": s.start_s * 1e6, "dur": s.duration_s * 1e6,
                                "args": {"tokens": s.tokens, "seqs": s.seqs, "collectives": s.collectives, "bytes": s.bytes}})
             for r in rt.records:
-                events.append({"name": r.op, "cat": "comm", "ph": "X", "pid": rt.rank, "tid": 1,
+                events.append({"name": r.op, "cat": "comm", "ph": "X", "pid": pid, "tid": 1,
                                "ts": r.start_s * 1e6, "dur": r.duration_s * 1e6,
                                "args": {"bytes": r.bytes, "module": r.module, "group": list(r.group_ranks), "step": r.step}})
         return {"traceEvents": events, "displayTimeUnit": "ms", "otherData": self.meta}
@@ -291,7 +315,8 @@ class CommTrace:
 
 
 def collect(engine) -> CommTrace:
-    """Drain every rank of a profiling engine (`profile_comm=True`) into one trace. Call it between steps."""
+    """Drain every rank of a profiling engine (`profile_comm=True`; an LLMEngine or a data-parallel front end)
+    into one trace, once the requests of interest have finished (plans still in flight are completed first)."""
     cfg = engine.cfg
     if not cfg.profile_comm:
         raise ValueError("this engine was started without profile_comm=True (--profile-comm): nothing was recorded")
@@ -299,7 +324,25 @@ def collect(engine) -> CommTrace:
     meta = {
         "model": engine.model_name, "dtype": str(cfg.torch_dtype()).removeprefix("torch."), "device": cfg.resolved_device(),
         "tensor_parallel_size": par.tensor_parallel_size, "pipeline_parallel_size": par.pipeline_parallel_size,
-        "parallel": f"tp={par.tensor_parallel_size} pp={par.pipeline_parallel_size}",
+        "data_parallel_size": par.data_parallel_size,
+        "parallel": f"tp={par.tensor_parallel_size} pp={par.pipeline_parallel_size} dp={par.data_parallel_size}",
         "timing": "CUDA events, eager" if cfg.resolved_device() == "cuda" else "perf_counter, gloo",
     }
-    return CommTrace(meta, list(engine.executor.call("comm_profile")))
+    ranks = []
+    for d, replica in enumerate(getattr(engine, "replicas", [engine])):
+        while replica.in_flight:  # a pipeline may still run a plan that only retires finished sequences
+            replica.collect_step()
+        for rt in replica.executor.call("comm_profile"):
+            rt.replica = d
+            ranks.append(rt)
+    return CommTrace(meta, ranks)
+
+
+def write_profile(engine, folder: str) -> CommTrace:
+    """After a `--profile-comm` run: collect, write the three files into `folder`, print the summary (stderr)."""
+    import sys
+
+    trace = collect(engine)
+    paths = trace.write(folder)
+    print(trace.table() + "\ncommunication profile: " + ", ".join(paths.values()), file=sys.stderr)
+    return trace

@@ -164,6 +164,18 @@ class ModelRunner:
         hidden = self.model(ids[rank * local : (rank + 1) * local], positions, meta)  # [T/S, hidden]
         return self.plan.sp.all_gather(hidden, [local] * size, dim=0)
 
+    def _capture_graphs(self, num_blocks: int) -> None:
+        """Decode graphs per batch bucket. Under Shift they capture the tensor-parallel mode, which every decode
+        step of up to shift_threshold sequences runs in; pure sequence parallelism runs eager."""
+        max_batch = self.cfg.max_num_seqs
+        if self._sp:
+            if self.plan.shift_threshold is None:
+                return
+            max_batch = min(max_batch, self.plan.shift_threshold)
+            self.plan.shifted = True
+        self.graphs = DecodeGraphs(self.model, max_batch, self.max_model_len, self.cfg.block_size, num_blocks, self.device)
+        self.graphs.capture()
+
     def _graph_step(self, plan: StepPlan) -> bool:
         return (
             self.graphs is not None

@@ -5,6 +5,13 @@ a chunk of a prompt and a decode token are one case. Running sequences go first,
 cache cannot hold a running sequence's next tokens, the newest running sequence is preempted (its blocks
 freed, its tokens recomputed later). Waiting sequences are admitted while the token budget, the sequence
 limit and the free blocks allow, and never in a step that had to preempt.
+
+A sequence's computed-token count advances when its plan is made, not when the plan has run, so the next plan
+can be made while this one is in flight (asynchronous scheduling): a sequence whose last plan samples a token
+gets one more decode position at once, its token sent as PLACEHOLDER, and the real id follows in a later plan's
+`late_tokens` when the host learns it. A sequence already certain to stop (its max_tokens reached by tokens in
+flight) is not scheduled again, and one preempted while its token is in flight is readmitted only once the
+token is known: the two places where a step waits for the host's answer.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ from __future__ import annotations
 from collections import deque
 
 from plait.config import SchedulerConfig
-from plait.core import ScheduledSeq, SeqData, SeqStatus, Sequence, StepPlan
+from plait.core import PLACEHOLDER, ScheduledSeq, SeqData, SeqStatus, Sequence, StepPlan
 from plait.engine.kv_cache import BlockManager
 
 
@@ -22,6 +29,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._finished_ids: list[int] = []  # told to the ranks with the next plan, so they drop their state
+        self._late_tokens: list[tuple[int, int, int]] = []  # placeholders resolved since the last plan
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -41,13 +49,16 @@ class Scheduler:
 
     def schedule(self) -> StepPlan:
         budget = self.cfg.max_num_batched_tokens
-        plan = StepPlan(seqs=[], finished_seq_ids=self._finished_ids)
-        self._finished_ids = []
+        plan = StepPlan(seqs=[], finished_seq_ids=self._finished_ids, late_tokens=self._late_tokens)
+        self._finished_ids, self._late_tokens = [], []
         preempted = False
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if seq.num_output_tokens + seq.num_pending >= seq.params.max_tokens:
+                i += 1  # its last token is in flight: it stops there, and a step more would be thrown away
+                continue
+            n = min(seq.num_tokens + seq.num_pending - seq.num_computed_tokens, budget)
             while not self.blocks.can_grow(seq.seq_id, seq.num_computed_tokens + n):
                 self._preempt(self.running.pop())
                 preempted = True
@@ -66,6 +77,8 @@ class Scheduler:
     def _admit(self, plan: StepPlan, budget: int) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             seq = self.waiting[0]
+            if seq.num_pending:
+                break  # preempted while its token was in flight: recompute it once the token is known
             n = seq.num_tokens - seq.num_computed_tokens
             if n > budget:
                 if not self.cfg.enable_chunked_prefill:
@@ -82,14 +95,19 @@ class Scheduler:
         return budget
 
     def _scheduled(self, seq: Sequence, n: int) -> ScheduledSeq:
-        start = seq.num_computed_tokens
-        table = self.blocks.grow(seq.seq_id, start + n)
+        """Schedule n tokens from the sequence's next position and advance it past them now."""
+        start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+        table = self.blocks.grow(seq.seq_id, end)
+        known = seq.token_ids[start:end]
+        sample = end == seq.num_tokens + seq.num_pending
+        seq.num_computed_tokens = end
+        seq.num_pending += sample
         return ScheduledSeq(
             seq_id=seq.seq_id,
             start=start,
-            token_ids=seq.token_ids[start : start + n],
+            token_ids=known + [PLACEHOLDER] * (n - len(known)),
             block_table=list(table),
-            sample=start + n == seq.num_tokens,
+            sample=sample,
             prompt_logprobs=seq.params.prompt_logprobs is not None and start < seq.prompt_len - 1,
         )
 
@@ -100,8 +118,10 @@ class Scheduler:
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def on_step_done(self, plan: StepPlan, seqs: dict[int, Sequence]) -> None:
-        """The ranks computed the plan: advance each sequence's computed-token count."""
-        for s in plan.seqs:
-            if s.seq_id in seqs:  # an aborted sequence may still be in a plan that was in flight
-                seqs[s.seq_id].num_computed_tokens = s.start + len(s.token_ids)
+    def token_known(self, seq: Sequence) -> None:
+        """The host has appended the token a plan sampled for `seq`. If a plan already in flight computes its
+        position (sent as PLACEHOLDER), the ranks' mirrors get the real id with the next plan."""
+        seq.num_pending -= 1
+        position = seq.num_tokens - 1
+        if seq.num_computed_tokens > position:
+            self._late_tokens.append((seq.seq_id, position, seq.token_ids[position]))

@@ -67,6 +67,8 @@ def handle(runner: ModelRunner, cmd: str, arg):
         return runner.execute(arg)
     if cmd == "all_reduce_latency":
         return runner.all_reduce_latency()
+    if cmd == "comm_profile":  # this rank's recorded collectives and steps since the last ask (profile_comm only)
+        return runner.profiler.drain()
     raise ValueError(f"unknown command {cmd!r}")
 
 

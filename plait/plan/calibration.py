@@ -79,6 +79,7 @@ class Calibration:
     host_per_seq_s: float = 0.0  # and per scheduled sequence
     graph_layer_s: float = 0.0  # non-GEMM kernels (norms, rope, attention launch) per layer, replayed in a graph
     eager_layer_s: float = 0.0  # the CPU launch floor of one layer run eagerly
+    sync_per_collective_s: float = 0.0  # a collective inside a real step beyond its microbenchmark (ranks arrive apart)
     symm_mem: bool = True  # all-reduces up to 4 MB go through symmetric memory (the engine's default on GPU)
     notes: list[str] = field(default_factory=list)
 
@@ -169,12 +170,20 @@ def h200_defaults() -> Calibration:
         # Ring all-gather of an output of S bytes moves what half of a ring all-reduce of S does.
         curve_key("all_gather", "nccl", "graph", 2): Curve([2 * s for s in _SIZES], [v * _US for v in ar2],
                                                            note="derived: NCCL all-reduce of half the size"),
+        # Eager symmetric-memory all-reduces (prefill) were not measured: 40 us fits the TP=2 TTFT of benchmarks/results.
+        curve_key("all_reduce", "symm_one_shot", "eager", 2): Curve([16 * _KB, 256 * _KB], [40 * _US, 42 * _US],
+                                                                    note="derived: latency_tp2_bs1 TTFT"),
+        curve_key("all_reduce", "symm_two_shot", "eager", 2): Curve([256 * _KB, 4 * _MB], [42 * _US, 60 * _US],
+                                                                    note="derived: latency_tp2_bs1 TTFT"),
         curve_key("send_recv", "nccl", "eager", 2): Curve([16 * _KB, 64 * _MB], [15 * _US, 15 * _US + 64 * _MB / 300e9],
                                                           note="assumed: 15 us + 300 GB/s over NVLink"),
     }
     return Calibration(
         source="built-in defaults: H200 figures of ../shared/DEVICE.md", device="cuda", device_name="NVIDIA H200",
-        memory_bytes=139 << 30, matmul_flops=779e12, gemv_bytes_s=3.68e12, copy_bytes_s=4.23e12, curves=curves,
-        host_step_s=150e-6, host_per_seq_s=4e-6, graph_layer_s=18e-6, eager_layer_s=120e-6,
-        notes=["all-gather derived from all-reduce; send/recv assumed; overheads fitted to benchmarks/results/latency_tp1_*.json"],
+        memory_bytes=139 << 30, matmul_flops=0.85 * 779e12, gemv_bytes_s=3.68e12, copy_bytes_s=4.23e12,
+        attention_efficiency=0.9, curves=curves, host_step_s=150e-6, host_per_seq_s=12e-6, graph_layer_s=18e-6,
+        eager_layer_s=400e-6, sync_per_collective_s=17e-6,
+        notes=["matrix rate: the 8192^3 GEMM's 779 TFLOP/s at 85%, as model-shaped GEMMs ran in latency_tp1_bs64",
+               "all-gather derived from all-reduce; send/recv assumed",
+               "overheads (host, per layer, per collective) fitted to benchmarks/results/latency_tp{1,2}_*.json"],
     )

@@ -35,7 +35,9 @@ def layer_compute_s(m: ModelConfig, sh: RankShard, shape: StepShape, calib: Cali
     t += gemm_s(calib, T, sh.intermediate, H, itemsize)  # down_proj
     attn_flops = 4.0 * sh.q_heads * D * shape.attention_pairs
     kv_bytes = 2 * sh.kv_heads * D * itemsize * shape.context_tokens
-    return t + max(attn_flops / (calib.matmul_flops * calib.attention_efficiency), kv_bytes / calib.copy_bytes_s)
+    t += max(attn_flops / (calib.matmul_flops * calib.attention_efficiency), kv_bytes / calib.copy_bytes_s)
+    # Norms, residual adds, rotary and silu*mul read and write about 10 hidden and 3 intermediate values a token.
+    return t + T * (10 * H + 3 * sh.intermediate) * itemsize / calib.copy_bytes_s
 
 
 def head_compute_s(m: ModelConfig, sh: RankShard, shape: StepShape, calib: Calibration, itemsize: int) -> float:
@@ -76,13 +78,14 @@ def stage_time(m: ModelConfig, layout: Layout, stage: int, shape: StepShape, cal
             best = (compute, sh, rank)
     compute, sh, rank = best
     coll = rank_collectives(m, layout, rank, shape.tokens, shape.logit_rows, itemsize)
-    comm = sum(calib.collective_time(c.op, c.wire_bytes, c.group_size, graph) for c in coll if c.op in ("all_reduce", "all_gather"))
+    inside = [c for c in coll if c.op in ("all_reduce", "all_gather")]
+    comm = sum(calib.collective_time(c.op, c.wire_bytes, c.group_size, graph) + calib.sync_per_collective_s for c in inside)
     # The two tensors of a boundary (hidden, residual) travel back to back: one message each.
     p2p = sum(calib.collective_time("send_recv", c.wire_bytes, 2, False) for c in coll if c.op == "recv")
     if graph:
         overhead = calib.graph_layer_s * len(sh.layers)
-    else:  # eager: the CPU launches the kernels; time is lost only where launching is slower than the GPU work
-        overhead = max(0.0, calib.eager_layer_s * len(sh.layers) - compute - comm)
+    else:  # eager: the CPU launches the kernels; time is lost where launching is slower than the GPU's work
+        overhead = max(0.0, calib.eager_layer_s * len(sh.layers) - compute)
     return StageTime(compute, comm, p2p, overhead, coll)
 
 

@@ -52,7 +52,7 @@ class DrainingServer(uvicorn.Server):
         return self.state.draining and (self.state.in_flight == 0 or time.monotonic() >= self._deadline)
 
 
-def run_server(engine_cfg: EngineConfig, cfg: ServerConfig) -> int:
+def run_server(engine_cfg: EngineConfig, cfg: ServerConfig, profile_comm_dir: str = "comm-profile") -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
     engine = make_engine(engine_cfg)
     name = cfg.served_model_name or engine.model_name
@@ -68,5 +68,9 @@ def run_server(engine_cfg: EngineConfig, cfg: ServerConfig) -> int:
         DrainingServer(uv, state).run()
     finally:
         loop.stop()
+        if engine_cfg.profile_comm:  # every collective of the server's life (up to the profiler's cap)
+            from plait.comm.profiler import write_profile
+
+            write_profile(engine, profile_comm_dir)
         engine.shutdown()
     return 0
