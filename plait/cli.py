@@ -82,7 +82,7 @@ def _generate(args: argparse.Namespace) -> int:
                     printed = len(text)
         sys.stdout.write("\n")
         if engine.cfg.profile_comm:
-            from plait.comm.profiler import write_profile
+            from plait.comm.trace import write_profile
 
             write_profile(engine, args.profile_comm_dir)
     finally:
@@ -135,8 +135,37 @@ def build_parser() -> argparse.ArgumentParser:
     bench_serve = bench.add_parser("serve", help="load an OpenAI-compatible server and print vLLM's serving metrics")
     add_bench_serve_args(bench_serve)
     bench_serve.set_defaults(func=_bench_serve)
+    _add_throughput(bench)
     _add_comm(sub)
     return parser
+
+
+def _add_throughput(bench) -> None:
+    from plait.bench.throughput import add_args, add_sweep_args
+
+    throughput = bench.add_parser("throughput", help="every request at once, to completion: output tokens/s")
+    add_engine_args(throughput)
+    add_args(throughput)
+    throughput.set_defaults(func=_bench_throughput)
+    tp_sweep = bench.add_parser("tp-sweep", help="throughput at TP = 1, 2, 4 ... over a fixed number of GPUs "
+                                                 "(replicas = GPUs / TP): the best degree t_e")
+    add_engine_args(tp_sweep)
+    add_sweep_args(tp_sweep)
+    tp_sweep.set_defaults(func=_bench_tp_sweep)
+
+
+def _bench_throughput(args: argparse.Namespace) -> int:
+    from plait.bench.throughput import main as throughput_main
+
+    throughput_main(args, engine_config_from_args(args))
+    return 0
+
+
+def _bench_tp_sweep(args: argparse.Namespace) -> int:
+    from plait.bench.throughput import sweep
+
+    sweep(args, engine_config_from_args(args))
+    return 0
 
 
 def _add_comm(sub) -> None:

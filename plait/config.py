@@ -147,6 +147,12 @@ class EngineConfig:
     all_reduce_backend: str = _help("auto | nccl | symm_mem (P2P one/two-shot for messages up to 4 MB; auto = symm_mem on GPU).",
                                     default="auto")
     enforce_eager: bool = _help("Never replay decode steps from CUDA graphs.", default=False)
+    async_scheduling: bool = _help("Plan step N+1 while the ranks run step N; sampled tokens feed the next step on "
+                                   "the device and reach the host a step later (docs/step_loop.md).", default=False)
+    async_output_proc: bool = _help("Detokenize and check stop strings on a thread behind the step loop; outputs "
+                                    "come a step later.", default=False)
+    sampling_parallel: bool = _help("Each tensor-parallel rank samples its share of the batch from vocab-parallel "
+                                    "logits (all-to-all) instead of one rank sampling gathered logits.", default=False)
     profile_comm: bool = _help("Record every collective (op, bytes, group, step, layer, time); runs eager "
                                "(docs/communication.md).", default=False)
     seed: int = _help("Seed for dummy weights and for requests without their own seed.", default=0)
@@ -166,6 +172,11 @@ class EngineConfig:
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be auto, torch or triton; got {self.attention_backend!r}")
         self.parallel  # noqa: B018 - validates the degrees
+        if self.async_scheduling and self.pipeline_parallel_size > 1:
+            raise ValueError(
+                f"async_scheduling needs pipeline_parallel_size 1, got {self.pipeline_parallel_size}: with stages, "
+                f"one plan per micro-batch is already in flight while the driver plans the next"
+            )
         for name, low in (("max_num_seqs", 1), ("block_size", 1)):
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")

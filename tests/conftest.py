@@ -34,10 +34,10 @@ FAMILIES = {
 }
 
 
-def tiny_config(family: str, num_layers: int = 2):
+def tiny_config(family: str, num_layers: int = 2, vocab_size: int = 256):
     cls, extra = FAMILIES[family]
     return cls(
-        vocab_size=256,
+        vocab_size=vocab_size,
         hidden_size=72 if family == "llama" else 48,
         intermediate_size=100,
         num_hidden_layers=num_layers,
@@ -47,9 +47,9 @@ def tiny_config(family: str, num_layers: int = 2):
     )
 
 
-def make_checkpoint(path, family: str, seed: int = 0, num_layers: int = 2):
+def make_checkpoint(path, family: str, seed: int = 0, num_layers: int = 2, vocab_size: int = 256):
     torch.manual_seed(seed)
-    cfg = tiny_config(family, num_layers)
+    cfg = tiny_config(family, num_layers, vocab_size)
     cfg.architectures = [{"llama": "LlamaForCausalLM", "llama3": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                           "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[family]]
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)

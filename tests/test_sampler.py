@@ -21,7 +21,7 @@ def _inp(seq_id: int = 0, prompt: list[int] | None = None, output: list[int] | N
 def _pick(logits: list[float], **kw) -> int:
     """Greedy choice for one crafted row, so a penalty's effect shows up as which token wins."""
     prompt, output = kw.pop("prompt", None), kw.pop("output", None)
-    tokens, _ = Sampler("cpu", {EOS}).sample(torch.tensor([logits]), [_inp(0, prompt, output, temperature=0.0, **kw)])
+    tokens, _ = Sampler("cpu", {EOS}).sample(torch.tensor([logits]), [_inp(0, prompt, output, temperature=0.0, **kw)]).tolist()
     return tokens[0]
 
 
@@ -32,7 +32,7 @@ def _brute_rank(row: torch.Tensor, token: int) -> int:
 def test_greedy_is_argmax_also_in_mixed_batch():
     logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
     inputs = [_inp(i, temperature=0.0 if i % 2 == 0 else 1.0) for i in range(6)]
-    tokens, logprobs = Sampler("cpu", {EOS}).sample(logits, inputs)
+    tokens, logprobs = Sampler("cpu", {EOS}).sample(logits, inputs).tolist()
     expected = logits.argmax(dim=-1).tolist()
     assert [tokens[i] for i in (0, 2, 4)] == [expected[i] for i in (0, 2, 4)]
     assert logprobs == [None] * 6
@@ -50,7 +50,7 @@ def test_logprobs_are_raw_with_correct_ranks():
         _inp(1, logprobs=0, temperature=2.0, top_k=5),
         _inp(2),
     ]
-    tokens, out = Sampler("cpu", {EOS}).sample(logits, inputs)
+    tokens, out = Sampler("cpu", {EOS}).sample(logits, inputs).tolist()
     assert torch.equal(logits, original), "caller's logits must not be modified"
     raw = torch.log_softmax(logits.float(), dim=-1)
     for row, k in ((0, 4), (1, 0)):
@@ -72,13 +72,13 @@ def test_top_k_1_and_tiny_top_p_equal_greedy_at_any_temperature():
     for temperature in (0.3, 1.0, 5.0, 50.0):
         for filters in ({"top_k": 1}, {"top_p": 1e-6}, {"top_p": 1e-9}):  # 1 - 1e-9 rounds to 1.0
             inputs = [_inp(i, temperature=temperature, **filters) for i in range(8)]
-            assert sampler.sample(logits, inputs)[0] == logits.argmax(dim=-1).tolist()
+            assert sampler.sample(logits, inputs).tolist()[0] == logits.argmax(dim=-1).tolist()
 
 
 def test_min_p_drops_tokens_below_fraction_of_max():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])  # min_p=0.5 keeps prob >= 0.25: tokens 0 and 1
     logits = probs.log().expand(4000, 4)
-    tokens, _ = Sampler("cpu", {EOS}).sample(logits, [_inp(i, min_p=0.5) for i in range(4000)])
+    tokens, _ = Sampler("cpu", {EOS}).sample(logits, [_inp(i, min_p=0.5) for i in range(4000)]).tolist()
     counts = torch.bincount(torch.tensor(tokens), minlength=4).tolist()
     assert counts[2] == counts[3] == 0
     assert counts[0] / 4000 == pytest.approx(0.5 / 0.8, abs=0.03)
@@ -114,11 +114,11 @@ def test_min_tokens_blocks_eos_and_stop_tokens():
     assert _pick(logits, output=[1], min_tokens=2, ignore_eos=True) == EOS
     batch = [_inp(0, output=[1, 1], min_tokens=2, temperature=0.0), _inp(1, output=[1], min_tokens=2, temperature=0.0)]
     column_major = torch.tensor([logits, logits]).t().contiguous().t()  # dense but not row-contiguous
-    assert Sampler("cpu", {EOS}).sample(column_major, batch)[0] == [EOS, 2]
+    assert Sampler("cpu", {EOS}).sample(column_major, batch).tolist()[0] == [EOS, 2]
 
 
 def _run(sampler: Sampler, logits: torch.Tensor, inputs: list[SampleInput]) -> dict[int, int]:
-    tokens, _ = sampler.sample(logits[[inp.seq_id for inp in inputs]], inputs)
+    tokens, _ = sampler.sample(logits[[inp.seq_id for inp in inputs]], inputs).tolist()
     return {inp.seq_id: tok for inp, tok in zip(inputs, tokens)}
 
 
@@ -149,11 +149,11 @@ def _chi_square(tokens: list[int], probs: torch.Tensor) -> float:
 def test_sampled_distribution_matches_tempered_softmax():
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
     n = 20000
-    tokens, _ = Sampler("cpu", {EOS}, seed=1).sample(logits.expand(n, 5), [_inp(i, temperature=0.7) for i in range(n)])
+    tokens, _ = Sampler("cpu", {EOS}, seed=1).sample(logits.expand(n, 5), [_inp(i, temperature=0.7) for i in range(n)]).tolist()
     assert _chi_square(tokens, torch.softmax(logits / 0.7, dim=-1)) < 18.5  # 4 dof, p = 0.001
     assert _chi_square(tokens, torch.softmax(logits, dim=-1)) > 100  # the check can tell temperatures apart
 
-    tokens, _ = Sampler("cpu", {EOS}, seed=2).sample(logits.expand(n, 5), [_inp(i, top_k=3) for i in range(n)])
+    tokens, _ = Sampler("cpu", {EOS}, seed=2).sample(logits.expand(n, 5), [_inp(i, top_k=3) for i in range(n)]).tolist()
     assert max(tokens) == 2
     assert _chi_square(tokens, torch.softmax(logits[:3], dim=-1)) < 13.9  # 2 dof, p = 0.001
 
@@ -162,7 +162,7 @@ def test_prompt_logprobs_values_and_ranks():
     logits = torch.randn(7, 30, generator=torch.Generator().manual_seed(3))
     targets = torch.tensor([0, 5, 29, 3, 3, 17, 8])
     targets[2] = logits[2].argmax()  # one target is the favourite: rank 1
-    rows = prompt_logprobs(logits, targets, k=2)
+    rows = prompt_logprobs(logits, targets, k=2).tolist()
     raw = torch.log_softmax(logits, dim=-1)
     assert len(rows) == 7
     for t, row in enumerate(rows):
@@ -172,4 +172,4 @@ def test_prompt_logprobs_values_and_ranks():
         assert row.ranks == [_brute_rank(raw[t], targets[t].item()), 1, 2]
     assert rows[2].ranks[0] == 1
     assert math.isclose(sum(math.exp(v) for v in raw[0].tolist()), 1.0, rel_tol=1e-5)
-    assert [r.token_ids for r in prompt_logprobs(logits, targets, k=0)] == [[t] for t in targets.tolist()]
+    assert [r.token_ids for r in prompt_logprobs(logits, targets, k=0).tolist()] == [[t] for t in targets.tolist()]

@@ -49,6 +49,7 @@ def check_state(sched: Scheduler) -> None:
 
 def step(sched: Scheduler, seqs: dict[int, Sequence]) -> StepPlan:
     """One scheduler step as the engine does it, with a fake model that always samples NEXT_TOKEN."""
+    computed = {seq_id: seq.num_computed_tokens for seq_id, seq in seqs.items()}
     plan = sched.schedule()
     assert plan.num_tokens <= sched.cfg.max_num_batched_tokens
     assert len(plan.seqs) <= sched.cfg.max_num_seqs
@@ -56,15 +57,15 @@ def step(sched: Scheduler, seqs: dict[int, Sequence]) -> StepPlan:
     for s in plan.seqs:
         seq = seqs[s.seq_id]
         assert len(s.token_ids) >= 1
-        assert s.start == seq.num_computed_tokens
+        assert s.start == computed[s.seq_id] and seq.num_computed_tokens == s.start + len(s.token_ids)
         assert s.token_ids == seq.token_ids[s.start : s.start + len(s.token_ids)]
         assert s.sample == (s.start + len(s.token_ids) == seq.num_tokens)
         assert s.block_table == sched.blocks.table(s.seq_id)
         assert len(s.block_table) == blocks_needed(s.start + len(s.token_ids), sched.blocks.block_size)
-    sched.on_step_done(plan, seqs)
     for s in plan.seqs:
         if s.sample:
             seqs[s.seq_id].append_token(NEXT_TOKEN)
+            sched.token_known(seqs[s.seq_id])
     check_state(sched)
     return plan
 

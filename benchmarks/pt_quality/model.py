@@ -104,9 +104,11 @@ class TrackedLayer(nn.Module):
         k = torch.einsum("tbsd,tod->tbso", a, w["k_proj"]).view(T, B, S, self.kv_heads, self.head_dim)
         v = torch.einsum("tbsd,tod->tbso", a, w["v_proj"]).view(T, B, S, self.kv_heads, self.head_dim)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        # Query head h reads KV head h // group (as plait's kernels); repeated here so SDPA takes its flash path.
+        group = self.heads // self.kv_heads
+        k, v = k.repeat_interleave(group, dim=3), v.repeat_interleave(group, dim=3)
         heads_first = lambda t: t.flatten(0, 1).transpose(1, 2)  # noqa: E731 - [T*B, heads, S, hd]
-        o = nn.functional.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v), is_causal=True,
-                                                       enable_gqa=True)
+        o = nn.functional.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v), is_causal=True)
         o = o.transpose(1, 2).reshape(T, B, S, -1)
         x = x + torch.einsum("tbso,tdo->tbsd", o, w["o_proj"])
         m = rms_norm(x, w["post_attention_layernorm"][:, None, None], self.eps)

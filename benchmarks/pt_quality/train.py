@@ -25,8 +25,10 @@ from benchmarks.pt_quality import corpus
 from benchmarks.pt_quality.model import PTConfig, PTModel, save_checkpoint
 
 # Model shapes of the study: widths are totals, so every architecture of one size has the same parameter count.
+# "h200": 25M parameters, 16 layers (so D = 1, 2, 4, 8 all divide them), head size 32; 4 tracks of 3 query heads
+# and 1 KV head each. Sized so five runs at 32M tokens share 4 H200s within a few minutes of one device call.
 SIZES = {
-    "h200": dict(hidden_size=384, num_layers=16, num_heads=8, num_kv_heads=4, intermediate_size=1536),
+    "h200": dict(hidden_size=384, num_layers=16, num_heads=12, num_kv_heads=4, intermediate_size=1024),
     "tiny": dict(hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=4, intermediate_size=64),
 }
 
@@ -158,7 +160,7 @@ def main() -> None:
     parser.add_argument("--tracks", type=int, default=1, help="1 = the dense model")
     parser.add_argument("--block-depth", type=int, default=None, help="layers between combines (default: all)")
     parser.add_argument("--combine", choices=("mean", "sum"), default="mean")
-    parser.add_argument("--tokens", type=int, default=40_000_000)
+    parser.add_argument("--tokens", type=int, default=32_000_000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--lr", type=float, default=1e-3)

@@ -48,8 +48,7 @@ def run_once(engine: LLMEngine, args, device: str) -> tuple[float, list[float]]:
     start = time.perf_counter()
     ttft, steps, last = None, [], start
     while engine.has_unfinished_requests():
-        outs = engine.step()
-        _sync(device)
+        outs = engine.step()  # returns once the host has the step's tokens: no sync needed (one would stall async)
         now = time.perf_counter()
         if ttft is None:
             if outs and all(o.outputs[0].token_ids for o in outs) and len(outs) == args.batch_size:
@@ -105,11 +104,18 @@ def main(args: argparse.Namespace, cfg: EngineConfig) -> dict:
         ttfts, tpots = [], []
         if _multi_rank(engine):
             engine.executor.call("step_times")
+        timeline = device == "cuda" and getattr(engine, "executor", None) is not None
+        if timeline:  # CUDA events around every rank's steps: GPU busy time and the idle gap between steps
+            engine.executor.call("gpu_timeline", True)
         for _ in range(args.num_iters):
             ttft, steps = run_once(engine, args, device)
             ttfts.append(ttft)
             tpots += steps
         result = _report(engine, args, cfg, device, ttfts, tpots)
+        if timeline:
+            result["gpu_timeline"] = engine.executor.call("gpu_timeline", False)
+            gaps = [t["gap_ms"]["median"] for t in result["gpu_timeline"] if t["gap_ms"]]
+            print(f"  GPU idle between steps (median), by rank: {[round(g, 3) for g in gaps]} ms")
         if _multi_rank(engine):  # time inside each rank's execute vs the driver's step: the rest is IPC
             times = engine.executor.call("step_times")
             result["rank_execute_ms"] = [t.execute_s / max(t.steps, 1) * 1e3 for t in times]
@@ -117,7 +123,7 @@ def main(args: argparse.Namespace, cfg: EngineConfig) -> dict:
         if args.profile:
             result["profile"] = profile_decode(engine, args, device)
         if cfg.profile_comm:
-            from plait.comm.profiler import write_profile
+            from plait.comm.trace import write_profile
 
             result["comm"] = write_profile(engine, args.profile_comm_dir).phase_table()
     finally:

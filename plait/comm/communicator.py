@@ -173,6 +173,15 @@ class Communicator:
             dist.all_to_all_single(out, x.contiguous(), recv_sizes, send_sizes, group=self.group)
             return out
 
+    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Group rank `src`'s x on every rank: x is the data on src and a buffer of its shape and dtype elsewhere,
+        overwritten in place (the sampled tokens of a step, which every rank's next inputs read)."""
+        if self.size == 1:
+            return x
+        with self._record("broadcast", x):
+            dist.broadcast(x, group=self.group, group_src=src)
+        return x
+
     def send(self, x: torch.Tensor, dst: int) -> None:
         """Point-to-point to global rank `dst` (pipeline boundaries). Asynchronous, so a stage moves on to its next
         micro-batch; the handle keeps the tensor alive until sent, and at most a few sends stay outstanding."""

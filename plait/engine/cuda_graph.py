@@ -9,6 +9,7 @@ every rank must capture the same buckets in the same order (they do: the buckets
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -104,8 +105,9 @@ class DecodeGraphs:
             tables[i, : len(t)] = t
         tables[n:, 0] = self.scratch
 
-    def run(self, x: StepInputs) -> torch.Tensor:
-        """B decode rows -> logits [B, vocab]."""
+    def run(self, x: StepInputs, fill: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """B decode rows -> logits [B, vocab]. `fill(ids)` overwrites placeholder ids on the device (in place)
+        after the copy and before the replay: the tokens sampled last step, which the host does not know yet."""
         self.copied.synchronize()  # the previous step's copy has left the host buffer
         self._fill(x)
         width = max(len(t) for t in x.tables)  # only the used columns of the tables travel
@@ -113,6 +115,8 @@ class DecodeGraphs:
         self.buf[: 4 * k].copy_(self.host[: 4 * k], non_blocking=True)
         self.tables[:, :width].copy_(self.host_tables[:, :width], non_blocking=True)
         self.copied.record()
+        if fill is not None:
+            fill(self.ids[: len(x.ids)])
         b = self.bucket_for(len(x.ids))
         self.graphs[b].replay()
         return self.logits[b][: len(x.ids)]

@@ -52,7 +52,7 @@ class DataParallelEngine:
             replica.abort_request(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.owner)
+        return bool(self.owner) or any(r.has_unfinished_requests() for r in self.replicas)
 
     def step(self) -> list[RequestOutput]:
         for replica in self.replicas:

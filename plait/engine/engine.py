@@ -1,9 +1,11 @@
 """The driver: owns the schedulers, the KV-cache bookkeeping, the tokenizer and the handle on the ranks.
 
-`step()` is the whole loop body: schedule, run on every rank, advance, turn tokens into outputs. With a
-pipeline of P stages there are P schedulers over disjoint sets of requests sharing one block pool, each with
-one plan in flight, so every stage works on a different micro-batch; with one stage this is plain
-schedule-run-update.
+`step()` is the whole loop body: plan, wait for the oldest plan's tokens, advance, hand the tokens to the output
+processor and return the outputs it has ready. With a pipeline of P stages there are P schedulers over disjoint
+sets of requests sharing one block pool, each with one plan in flight, so every stage works on a different
+micro-batch. With asynchronous scheduling the one scheduler keeps two plans in flight: step N+1 is planned and
+sent before step N's tokens are known, so the host's work hides under the GPU's (docs/step_loop.md). A sequence
+that step N finished may have had a token computed in step N+1: it is thrown away.
 """
 
 from __future__ import annotations
@@ -11,12 +13,15 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections import deque
+from dataclasses import dataclass
 
 from plait.config import EngineConfig, resolve_scheduler_config
 from plait.core import Sequence, StepPlan, StepResult
 from plait.engine.kv_cache import BlockManager
-from plait.engine.output import OutputProcessor, RequestState, SeqOutput
+from plait.engine.output import NewRequest, OutputProcessor, PromptDelta, StepOutputs, TokenDelta
+from plait.engine.output_thread import make_outputs
 from plait.engine.scheduler import Scheduler
+from plait.engine.stops import token_stop
 from plait.executor.executor import make_executor
 from plait.models.loader import load_hf_config, load_tokenizer, resolve_model
 from plait.models.registry import model_config_from_hf
@@ -35,6 +40,14 @@ def _eos_ids(hf_config, tokenizer) -> set[int]:
     return ids
 
 
+@dataclass
+class EngineRequest:
+    """The step loop's side of a request: its sequences (what users see is the output processor's)."""
+
+    request_id: str
+    seqs: list[Sequence]
+
+
 class LLMEngine:
     def __init__(self, cfg: EngineConfig, device_offset: int = 0, own_process: bool = False):
         self.cfg = cfg
@@ -49,7 +62,7 @@ class LLMEngine:
         check_pipeline(self.model_config.num_layers, par.pipeline_parallel_size, par.pp_layer_partition)
         self.sched_config = resolve_scheduler_config(cfg, self.model_config)
         self.tokenizer = load_tokenizer(src, cfg.tokenizer)
-        eos = _eos_ids(hf_config, self.tokenizer)
+        self.eos_token_ids = eos = _eos_ids(hf_config, self.tokenizer)
         self.executor = make_executor(cfg, {
             "max_model_len": self.sched_config.max_model_len,
             "max_num_batched_tokens": self.sched_config.max_num_batched_tokens,
@@ -60,8 +73,9 @@ class LLMEngine:
         self.schedulers = [Scheduler(self.sched_config, self.blocks) for _ in range(par.pipeline_parallel_size)]
         self.scheduler_of: dict[int, Scheduler] = {}  # seq_id -> the scheduler (micro-batch) that owns it
         self.in_flight: deque[tuple[Scheduler, StepPlan]] = deque()
-        self.output = OutputProcessor(self.tokenizer, eos, self.sched_config.max_model_len)
-        self.requests: dict[str, RequestState] = {}
+        self.plans_per_scheduler = 2 if cfg.async_scheduling else 1
+        self.outputs = make_outputs(OutputProcessor(self.tokenizer), cfg.async_output_proc)
+        self.requests: dict[str, EngineRequest] = {}
         self.seqs: dict[int, Sequence] = {}
         self._ids = itertools.count()
 
@@ -96,10 +110,8 @@ class LLMEngine:
         # As vLLM: with a seed, completion i draws from seed + i, so the n completions differ yet repeat.
         seqs = [Sequence(request_id, i, ids, params if params.seed is None else dataclasses.replace(params, seed=params.seed + i))
                 for i in range(params.n)]
-        outs = [SeqOutput(logprobs=[] if params.logprobs is not None else None,
-                          cumulative_logprob=0.0 if params.logprobs is not None else None) for _ in seqs]
-        prompt_lps = [None] * len(ids) if params.prompt_logprobs is not None else None
-        self.requests[request_id] = RequestState(request_id, prompt if isinstance(prompt, str) else None, ids, seqs, outs, prompt_lps)
+        self.requests[request_id] = EngineRequest(request_id, seqs)
+        self.outputs.add(NewRequest(request_id, prompt if isinstance(prompt, str) else None, ids, params))
         sched = min(self.schedulers, key=lambda x: len(x.waiting) + len(x.running))
         for seq in seqs:
             self.seqs[seq.seq_id] = seq
@@ -119,16 +131,26 @@ class LLMEngine:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
 
     def abort_request(self, request_id: str) -> None:
-        state = self.requests.pop(request_id, None)
-        for seq in state.seqs if state else []:
-            if not seq.is_finished:
-                seq.finish_reason = "abort"
-                self.scheduler_of[seq.seq_id].finish(seq)
+        """Free the request's blocks at once; a plan in flight may still compute it, and its tokens are dropped."""
+        if request_id in self.requests:
+            self._finish(request_id, "abort")
+            self.outputs.drop(request_id)
+
+    def _finish(self, request_id: str, reason: str) -> None:
+        """Forget a request, finishing (with `reason`) any of its sequences still scheduled."""
+        for seq in self.requests.pop(request_id).seqs:
+            self._finish_seq(seq, reason)
             self.seqs.pop(seq.seq_id, None)
             self.scheduler_of.pop(seq.seq_id, None)
 
+    def _finish_seq(self, seq: Sequence, reason: str) -> None:
+        if not seq.is_finished:
+            seq.finish_reason = reason
+            self.scheduler_of[seq.seq_id].finish(seq)
+
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        """True while a request is live or a plan is still in flight (its answer must be collected)."""
+        return bool(self.requests or self.in_flight)
 
     def request_counts(self) -> tuple[int, int]:
         """(running, waiting) requests; a request with a sequence running counts as running."""
@@ -138,8 +160,8 @@ class LLMEngine:
 
     def outstanding_tokens(self) -> int:
         """Tokens still to compute or generate for every live sequence: the data-parallel router's load measure."""
-        return sum(seq.num_tokens - seq.num_computed_tokens + seq.params.max_tokens - seq.num_output_tokens
-                   for seq in self.seqs.values())
+        return sum(seq.num_tokens + seq.num_pending - seq.num_computed_tokens + seq.params.max_tokens
+                   - seq.num_output_tokens for seq in self.seqs.values())
 
     def kv_cache_usage(self) -> float:
         return self.blocks.usage()
@@ -150,47 +172,65 @@ class LLMEngine:
         return self.collect_step()
 
     def submit_step(self) -> None:
-        """Send a plan for every scheduler that has none in flight and has something to do."""
-        busy = {id(sched) for sched, _ in self.in_flight}
+        """Plan and send while a scheduler has fewer plans in flight than allowed (two with asynchronous
+        scheduling, else one) and something to send."""
         for sched in self.schedulers:
-            if id(sched) in busy:
-                continue
-            plan = sched.schedule()
-            if plan.seqs or plan.finished_seq_ids:
+            while sum(s is sched for s, _ in self.in_flight) < self.plans_per_scheduler:
+                plan = sched.schedule()
+                if not (plan.seqs or plan.finished_seq_ids or plan.late_tokens):
+                    break
                 self.executor.submit("execute", plan)
                 self.in_flight.append((sched, plan))
 
     def collect_step(self) -> list[RequestOutput]:
-        """Take the oldest plan's result: advance its sequences and turn its tokens into outputs."""
-        if not self.in_flight:
-            return []
-        sched, plan = self.in_flight.popleft()
-        result = self.executor.collect()[self.executor.sampler_rank]
-        sched.on_step_done(plan, self.seqs)
-        return self._process(plan, result)
+        """Wait for the oldest plan's tokens, advance its sequences, and return the outputs that are ready."""
+        if self.in_flight:
+            _, plan = self.in_flight.popleft()
+            self.outputs.submit(self._advance(plan, StepResult.merge(self.executor.collect())))
+        more = bool(self.in_flight) or any(sched.has_work() for sched in self.schedulers)
+        return self._deliver(self.outputs.take(lag=1 if more else 0))
 
-    def _process(self, plan: StepPlan, result: StepResult) -> list[RequestOutput]:
-        touched: dict[str, RequestState] = {}
+    def _advance(self, plan: StepPlan, result: StepResult) -> StepOutputs:
+        """Append each sampled token and apply the stops a token id decides; a sequence finished or aborted
+        while this plan was in flight gets nothing (its token was computed a step too many)."""
+        step = StepOutputs()
         for s in plan.seqs:
             seq = self.seqs.get(s.seq_id)
-            if seq is None:  # aborted while its step was in flight
+            if seq is None or seq.is_finished:
                 continue
-            state = self.requests[seq.request_id]
-            touched[state.request_id] = state
+            step.touched.append(seq.request_id)
             if s.seq_id in result.prompt_logprobs:
-                self.output.add_prompt_logprobs(state, s.start, result.prompt_logprobs[s.seq_id])
-            if s.seq_id in result.sampled:
-                self.output.append_token(seq, state.outs[seq.index], result.sampled[s.seq_id], result.logprobs.get(s.seq_id))
+                step.prompts.append(PromptDelta(seq.request_id, s.start, result.prompt_logprobs[s.seq_id]))
+            if s.sample:
+                token = result.sampled[s.seq_id]
+                seq.append_token(token)
+                self.scheduler_of[seq.seq_id].token_known(seq)
+                token_stop(seq, token, self.eos_token_ids, self.sched_config.max_model_len)
+                step.tokens.append(TokenDelta(seq.request_id, seq.index, token, result.logprobs.get(s.seq_id),
+                                              seq.finish_reason, seq.stop_reason))
                 if seq.finish_reason is not None:
                     self.scheduler_of[seq.seq_id].finish(seq)
-                    state.finished_seqs.add(seq.index)
-        outputs = [self.output.request_output(state) for state in touched.values()]
-        for state in touched.values():
-            if state.finished:
-                self.abort_request(state.request_id)
-        return outputs
+        return step
+
+    def _deliver(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        """Apply what the output processor decided (stop strings end sequences; a finished request is forgotten)
+        and drop outputs of requests aborted since."""
+        delivered = []
+        for out in outputs:
+            state = self.requests.get(out.request_id)
+            if state is None:
+                continue
+            for completion, seq in zip(out.outputs, state.seqs):
+                if completion.finish_reason is not None:
+                    self._finish_seq(seq, completion.finish_reason)
+            if out.finished:
+                self._finish(out.request_id, "stop")
+            delivered.append(out)
+        return delivered
 
     def shutdown(self) -> None:
+        if getattr(self, "outputs", None) is not None:
+            self.outputs.close()
         if getattr(self, "executor", None) is not None:
             self.executor.shutdown()
             self.executor = None

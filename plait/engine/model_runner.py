@@ -1,8 +1,11 @@
 """One rank's half of a step: build the batch from the plan, run the model, and (on the sampler rank) sample.
 
 Every rank of a stage runs the same forward on its shard; the last stage's LM head gathers the full logits
-rows, and the rank that holds them (tensor rank 0 of the last stage) samples and answers with a `StepResult`.
-Ranks keep a mirror of each live sequence's tokens so the plan carries only what is new.
+rows, and the rank that holds them (tensor rank 0 of the last stage) samples and answers with a `StepResult`,
+or each rank samples a share when sampling is spread (plait.engine.step_sampling). The answer stays on the
+device until the executor resolves it, so the next step can be launched first. Ranks keep a mirror of each
+live sequence's tokens so the plan carries only what is new; a PLACEHOLDER in a plan is filled on the device
+from the last step's sampled tokens (plait.engine.sampled_tokens).
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ import torch
 
 from plait.comm.profiler import CommProfiler
 from plait.config import EngineConfig
-from plait.core import StepPlan, StepResult
+from plait.core import StepPlan
 from plait.engine.cuda_graph import DecodeGraphs, StepInputs
-from plait.engine.sampler import SampleInput, Sampler, prompt_logprobs
+from plait.engine.sampled_tokens import SampledTokens
+from plait.engine.sampler import to_device
+from plait.engine.step_sampling import PendingResult, StepSampler
 from plait.layers.attention import AttentionMetadata
 from plait.models.loader import iter_weights, load_hf_config, resolve_model
 from plait.models.registry import build_model, model_config_from_hf
@@ -44,7 +49,9 @@ class ModelRunner:
         self.model = self._load_model(src, max_model_len)
         self.max_model_len, self.max_num_batched_tokens = max_model_len, max_num_batched_tokens
         self.backend = cfg.resolved_attention_backend()
-        self.sampler = Sampler(self.device, eos_token_ids, cfg.seed) if ctx.is_sampler else None
+        self.sampled = SampledTokens(self.device)
+        last_stage = ctx.stage == ctx.num_stages - 1
+        self.sampler = StepSampler(cfg, ctx, self.device, eos_token_ids, self.model, self.sampled) if last_stage else None
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and self.comm.size > 1 and cfg.all_reduce_backend != "nccl":
             ok = self.comm.enable_symm_mem(_SYMM_MEM_BYTES // self.dtype.itemsize, self.dtype, self.device)
@@ -109,13 +116,10 @@ class ModelRunner:
                 2, num_blocks + 1, self.cfg.block_size, attn.num_kv_heads, attn.head_dim, dtype=self.dtype, device=self.device
             )
         self.scratch_block = num_blocks
-        if (self.device.type == "cuda" and not self.cfg.enforce_eager and self.ctx.num_stages == 1 and not self._sp
-                and self.profiler is None):
-            self.graphs = DecodeGraphs(self.model, self.cfg.max_num_seqs, self.max_model_len, self.cfg.block_size,
-                                       num_blocks, self.device)
-            self.graphs.capture()
+        if self.device.type == "cuda" and not self.cfg.enforce_eager and self.ctx.num_stages == 1 and self.profiler is None:
+            self._capture_graphs(num_blocks)
 
-    def execute(self, plan: StepPlan) -> StepResult | None:
+    def execute(self, plan: StepPlan) -> PendingResult | None:
         """One step; when profiling, inside a profiler step tagged with the plan's shape."""
         if self.profiler is None or not plan.seqs:
             return self._execute(plan)
@@ -126,16 +130,17 @@ class ModelRunner:
         return result
 
     @torch.inference_mode()
-    def _execute(self, plan: StepPlan) -> StepResult | None:
+    def _execute(self, plan: StepPlan) -> PendingResult | None:
         self._update_mirrors(plan)
         if not plan.seqs:
-            return StepResult() if self.sampler else None
+            return None
         rows, sample_rows, prompt_spans = self._logit_rows(plan)
         inputs = self._inputs(plan)
+        self.sampled.begin(plan)
         if self._sp:
             self.plan.choose_mode(len(inputs.ids))
         if self._graph_step(plan):
-            logits = self.graphs.run(inputs)  # a decode step: every row is sampled
+            logits = self.graphs.run(inputs, self.sampled.fill)  # a decode step: every row is sampled
         elif self._sp and not self.plan.shifted:
             hidden = self._sequence_parallel_forward(inputs)
             logits = self.model.compute_logits(hidden[rows]) if rows else None
@@ -145,7 +150,9 @@ class ModelRunner:
             if hidden is None:
                 return None
             logits = self.model.compute_logits(hidden[rows]) if rows else None  # [N, vocab] on every last-stage rank
-        return self._sample(plan, logits, sample_rows, prompt_spans) if self.sampler else None
+        if self.sampler is None:
+            return None
+        return self.sampler.run([s.seq_id for s in plan.seqs], logits, sample_rows, prompt_spans, self.mirrors)
 
     @property
     def _sp(self) -> bool:
@@ -190,6 +197,9 @@ class ModelRunner:
             self.sampler.forget(plan.finished_seq_ids)
         for d in plan.new_seqs:
             self.mirrors[d.seq_id] = (list(d.token_ids), d.params, d.prompt_len)
+        for seq_id, position, token in plan.late_tokens:
+            if seq_id in self.mirrors:  # a sequence may have finished since its placeholder was sent
+                self.mirrors[seq_id][0][position] = token
         for s in plan.seqs:
             tokens = self.mirrors[s.seq_id][0]
             tokens[s.start : s.start + len(s.token_ids)] = s.token_ids
@@ -208,7 +218,8 @@ class ModelRunner:
 
     def _prepare(self, x: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         width = max(len(t) for t in x.tables)
-        as_tensor = lambda v: torch.tensor(v, dtype=torch.long, device=self.device)  # noqa: E731
+        # pinned and non-blocking: a pageable copy would wait for the GPU's previous step (async scheduling)
+        as_tensor = lambda v: to_device(v, self.device, torch.long)  # noqa: E731
         meta = AttentionMetadata(
             slot_mapping=as_tensor(x.slots),
             query_start=as_tensor([0, *itertools.accumulate(x.query_lens)]),
@@ -222,7 +233,7 @@ class ModelRunner:
             meta.fresh_query_start = [0, *itertools.accumulate(x.query_lens)]
         if self.backend == "torch":
             meta.prepare_reference(self.cfg.block_size)
-        return as_tensor(x.ids), as_tensor(x.positions), meta
+        return self.sampled.fill(as_tensor(x.ids)), as_tensor(x.positions), meta
 
     def _logit_rows(self, plan: StepPlan):
         """Which hidden rows need logits: each sampled sequence's last token, and prompt tokens whose
@@ -240,21 +251,3 @@ class ModelRunner:
                 rows.append(offset + n - 1)
             offset += n
         return rows, sample_rows, prompt_spans
-
-    def _sample(self, plan: StepPlan, logits, sample_rows: dict, prompt_spans: dict) -> StepResult:
-        result = StepResult()
-        for seq_id, (first, count, start) in prompt_spans.items():
-            tokens, params, _ = self.mirrors[seq_id]
-            targets = torch.tensor(tokens[start + 1 : start + 1 + count], device=self.device)
-            result.prompt_logprobs[seq_id] = prompt_logprobs(logits[first : first + count], targets, params.prompt_logprobs)
-        if sample_rows:
-            inputs = []
-            for seq_id in sample_rows:
-                tokens, params, prompt_len = self.mirrors[seq_id]
-                inputs.append(SampleInput(seq_id, params, tokens, prompt_len))
-            tokens, logprobs = self.sampler.sample(logits[list(sample_rows.values())], inputs)
-            for seq_id, token, lp in zip(sample_rows, tokens, logprobs):
-                result.sampled[seq_id] = token
-                if lp is not None:
-                    result.logprobs[seq_id] = lp
-        return result

@@ -19,8 +19,8 @@ from multiprocessing.connection import wait
 import torch
 
 from plait.config import EngineConfig
-from plait.executor.worker import handle, init_group, worker_main
-from plait.parallel.context import sampler_rank
+from plait.executor.commands import RankCommands, resolve
+from plait.executor.worker import init_group, worker_main
 
 
 class RankFailure(RuntimeError):
@@ -42,22 +42,23 @@ def check_port_free(port: int) -> None:
 
 
 class LocalExecutor:
-    """One rank, in the driver's own process; `submit` runs at once and `collect` hands the answer back."""
+    """One rank, in the driver's own process: `submit` runs the command at once (a step is launched, its answer
+    may still be on the device) and `collect` waits for the answer, so the next step can be launched first."""
 
     world = 1
-    sampler_rank = 0
 
     def __init__(self, cfg: EngineConfig, init_args: dict):
         from plait.engine.model_runner import ModelRunner
 
         self.runner = ModelRunner(cfg, init_group(cfg, 0, 1, 0), **init_args)
+        self.commands = RankCommands(self.runner)
         self._done: deque = deque()
 
     def submit(self, cmd: str, arg=None) -> None:
-        self._done.append([handle(self.runner, cmd, arg)])
+        self._done.append(self.commands(cmd, arg))
 
     def collect(self) -> list:
-        return self._done.popleft()
+        return [resolve(self._done.popleft())]
 
     def call(self, cmd: str, arg=None) -> list:
         self.submit(cmd, arg)
@@ -65,11 +66,12 @@ class LocalExecutor:
 
     def shutdown(self) -> None:
         """Drop the model and cache now, so a next engine in this process gets the GPU memory back."""
-        if self.runner is not None and self.runner.device.type == "cuda":
-            self.runner = None
+        cuda = self.runner is not None and self.runner.device.type == "cuda"
+        self.runner = self.commands = None
+        self._done.clear()
+        if cuda:
             gc.collect()
             torch.cuda.empty_cache()
-        self.runner = None
 
 
 class MultiprocExecutor:
@@ -78,7 +80,6 @@ class MultiprocExecutor:
     def __init__(self, cfg: EngineConfig, init_args: dict, device_offset: int = 0):
         par = cfg.parallel
         self.world = par.replica_world_size
-        self.sampler_rank = sampler_rank(par.tensor_parallel_size, par.pipeline_parallel_size)
         if cfg.master_port:
             check_port_free(cfg.master_port)
         port = cfg.master_port or free_port()

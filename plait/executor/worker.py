@@ -1,36 +1,29 @@
-"""One rank's process: join the process group, build the model runner, then run plans until told to stop."""
+"""One rank's process: join the process group, build the model runner, then run plans until told to stop.
+
+Answers leave from a thread of their own, in command order: a step's answer waits there for its GPU work while
+the main thread already runs the next command, which the driver sends before it reads this answer when it
+schedules asynchronously.
+"""
 
 from __future__ import annotations
 
 import os
-import time
+import queue
+import threading
 import traceback
-from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from plait.comm.communicator import Communicator
-from plait.parallel.context import RankContext
 from plait.config import EngineConfig
 from plait.engine.model_runner import ModelRunner
+from plait.executor.commands import RankCommands, resolve
+from plait.parallel.context import RankContext
 
 # A collective that waits longer than this means a peer is gone: fail instead of hanging forever.
 COLLECTIVE_TIMEOUT = timedelta(seconds=int(os.environ.get("PLAIT_COLLECTIVE_TIMEOUT", "300")))
-
-
-@dataclass
-class StepTimes:
-    """Seconds a rank spent in `execute` and how many steps: with the driver's step time, where the time goes."""
-
-    execute_s: float = 0.0
-    steps: int = 0
-
-    def add(self, cmd: str, seconds: float) -> None:
-        if cmd == "execute":
-            self.execute_s += seconds
-            self.steps += 1
 
 
 def init_group(cfg: EngineConfig, rank: int, world: int, port: int, device_offset: int = 0) -> RankContext:
@@ -58,44 +51,59 @@ def init_group(cfg: EngineConfig, rank: int, world: int, port: int, device_offse
     return RankContext(rank, tp_comm, Communicator(dist.group.WORLD, rank, world), stage, pp)
 
 
-def handle(runner: ModelRunner, cmd: str, arg):
-    if cmd == "num_kv_blocks":
-        return runner.num_kv_blocks()
-    if cmd == "allocate_kv_cache":
-        return runner.allocate_kv_cache(arg)
-    if cmd == "execute":
-        return runner.execute(arg)
-    if cmd == "all_reduce_latency":
-        return runner.all_reduce_latency()
-    if cmd == "comm_profile":  # this rank's recorded collectives and steps since the last ask (profile_comm only)
-        return runner.profiler.drain()
-    raise ValueError(f"unknown command {cmd!r}")
+class Replies:
+    """("ok", value) or ("error", traceback) per command, sent in order; a failure ends the process."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="plait-replies", daemon=True)
+        self._thread.start()
+
+    def ok(self, value) -> None:
+        self._queue.put(("ok", value))
+
+    def error(self, text: str) -> None:
+        self._queue.put(("error", text))
+
+    def close(self) -> None:
+        """Return once every answer so far has been sent."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            status, value = item
+            if status == "ok":
+                try:
+                    value = resolve(value)
+                except BaseException:  # noqa: BLE001 - reported to the driver, which raises it there
+                    status, value = "error", traceback.format_exc()
+            self.conn.send((status, value))
+            if status == "error":
+                os._exit(1)
 
 
 def worker_main(cfg: EngineConfig, rank: int, world: int, port: int, device_offset: int, init_args: dict, conn) -> None:
     """Entry point of a spawned rank. Replies ("ok", value) or ("error", traceback) to each command."""
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    replies = Replies(conn)
     try:
         ctx = init_group(cfg, rank, world, port, device_offset)
-        runner = ModelRunner(cfg, ctx, **init_args)
-        conn.send(("ok", None))
-        busy = StepTimes()
+        commands = RankCommands(ModelRunner(cfg, ctx, **init_args))
+        replies.ok(None)
         while True:
             cmd, arg = conn.recv()
             if cmd == "shutdown":
                 break
-            if cmd == "step_times":  # how long this rank spent inside its steps, since the last ask
-                value, busy = busy, StepTimes()
-            else:
-                start = time.perf_counter()
-                value = handle(runner, cmd, arg)
-                busy.add(cmd, time.perf_counter() - start)
-            conn.send(("ok", value))
+            replies.ok(commands(cmd, arg))
     except (KeyboardInterrupt, EOFError):
         return
     except BaseException:  # noqa: BLE001 - reported to the driver, which raises it there
-        conn.send(("error", traceback.format_exc()))
+        replies.error(traceback.format_exc())
+        replies.close()  # the reply thread ends the process once the error is sent
         os._exit(1)
+    replies.close()
     if dist.is_initialized() and cfg.resolved_device() == "cpu":
         dist.destroy_process_group()
     conn.send(("ok", None))

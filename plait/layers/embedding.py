@@ -31,11 +31,16 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """logits = h @ W.T over the rank's vocabulary rows, gathered so the sampler rank sees the full row."""
+    """logits = h @ W.T over the rank's vocabulary rows, gathered so the sampler rank sees the full row. With
+    `gather` off (spread sampling, plait.engine.step_sampling) each rank keeps its own columns [N, sizes[rank]]
+    and the sampler exchanges logit blocks itself, a share of the rows to each rank."""
+
+    gather = True
 
     def __init__(self, vocab_size: int, hidden: int, plan: TensorParallel):
         super().__init__(vocab_size, hidden, plan)
         self.sizes = plan.sizes(vocab_size)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # h: [N, hidden] -> logits [N, vocab] in fp32
-        return self.comm.all_gather(nn.functional.linear(h, self.weight).float(), self.sizes, dim=-1)
+        local = nn.functional.linear(h, self.weight).float()
+        return self.comm.all_gather(local, self.sizes, dim=-1) if self.gather else local

@@ -83,6 +83,17 @@ PRESETS: dict[str, dict] = {
         "bos_token_id": 151643,
         "eos_token_id": 151645,
     },
+    # Llama-3.2-1B: a small model at Llama-3's vocabulary, where the host's work per step matters most.
+    "llama3.2-1b": {
+        **_LLAMA31,
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "head_dim": 64,
+        "rope_parameters": {**_LLAMA31_ROPE, "factor": 32.0},
+        "tie_word_embeddings": True,
+    },
     "smollm2-135m": {
         "model_type": "llama",
         "vocab_size": 49152,

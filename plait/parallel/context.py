@@ -38,8 +38,3 @@ class RankContext:
     @classmethod
     def single(cls) -> "RankContext":
         return cls(0, Communicator.single(), None)
-
-
-def sampler_rank(tp: int, pp: int) -> int:
-    """The replica rank that holds the gathered logits and samples: tensor rank 0 of the last stage."""
-    return (pp - 1) * tp

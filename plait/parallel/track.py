@@ -75,8 +75,11 @@ def check_track_parallel(par: ParallelConfig, cfg: ModelConfig) -> None:
     """Refuse, before any rank starts, a layout the model cannot run (nothing to check for a dense model)."""
     if cfg.tracks is None:
         return
-    if par.pipeline_parallel_size > 1:
-        raise ValueError(f"a Parallel Track model runs as one pipeline stage; got pipeline_parallel_size {par.pipeline_parallel_size}")
+    if par.pipeline_parallel_size > 1 or par.sequence_parallel_size > 1:
+        raise ValueError(
+            f"a Parallel Track model runs its tracks over --tp ranks only (one pipeline stage, no sequence parallelism); "
+            f"got pipeline_parallel_size {par.pipeline_parallel_size}, sequence_parallel_size {par.sequence_parallel_size}"
+        )
     T, heads = cfg.tracks.num_tracks, cfg.tracks.num_heads
     t = TrackLayout(T, par.tensor_parallel_size).ranks_per_track
     if t > heads:

@@ -94,8 +94,8 @@ class Calibration:
             groups = sorted(int(k.rsplit("/", 1)[1]) for k in self.curves if k.startswith(f"{op}/{impl}/{m}/"))
             if groups:
                 g = min(groups, key=lambda x: (abs(x - group), -x))
-                a = (group - 1) / (g - 1)
-                return self.curves[curve_key(op, impl, m, g)], a, a * g / group, f"{curve_key(op, impl, m, g)} scaled to {group} ranks"
+                a, key = (group - 1) / (g - 1), curve_key(op, impl, m, g)
+                return self.curves[key], a, a * g / group, f"{key} scaled to {group} ranks"
         have = ", ".join(sorted(self.curves)) or "none"
         raise ValueError(f"the calibration ({self.source}) has no curve for {op} over {impl}; it has: {have}")
 

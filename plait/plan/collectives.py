@@ -51,8 +51,8 @@ def rank_collectives(m: ModelConfig, layout: Layout, rank: int, tokens: int, log
     if not sh.last:
         out += [Collective("send", hidden, layout.replica, "stage_out", peer=rank + tp, wire_bytes=hidden)] * 2
     if sh.last and tp > 1 and logit_rows > 0:
-        shard = logit_rows * sh.vocab_rows * LOGITS_ITEMSIZE
-        out.append(Collective("all_gather", shard, tp, "lm_head", wire_bytes=logit_rows * sh.vocab_rows_max * tp * LOGITS_ITEMSIZE))
+        shard, padded = (logit_rows * rows * LOGITS_ITEMSIZE for rows in (sh.vocab_rows, sh.vocab_rows_max))
+        out.append(Collective("all_gather", shard, tp, "lm_head", wire_bytes=padded * tp))
     return out
 
 

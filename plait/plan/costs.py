@@ -2,11 +2,11 @@
 
 A matmul [T, K] @ [K, N] costs the larger of its FLOPs at the matrix rate and its bytes (weight + activations) at
 the weight-streaming rate: decode (small T) reads weights, prefill (large T) computes. Attention reads each
-sequence's cached K/V once per layer and does 4 x heads x head_dim FLOPs per (query, key) pair. Kernels besides
-the GEMMs (norms, rotary, activation, attention launches) cost a per-layer constant, smaller when replayed from a
-CUDA graph than when launched eagerly (where it is a floor: launches overlap the GPU's work). Memory follows the model runner's own sizing (`ModelRunner.num_kv_blocks`).
+sequence's cached K/V once per layer and does 4 x heads x head_dim FLOPs per (query, key) pair; elementwise
+kernels stream their activations at copy bandwidth. The rest of a layer's kernels (launches, small kernels) cost
+a per-layer constant when replayed from a CUDA graph; launched eagerly, they are a floor the GPU work may hide.
+Memory follows the model runner's own sizing (`ModelRunner.num_kv_blocks`).
 """
-
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -122,12 +122,15 @@ def rank_weights(m: ModelConfig, sh: RankShard, itemsize: int) -> int:
 
 def rank_memory(m: ModelConfig, layout: Layout, calib: Calibration, itemsize: int, max_num_batched_tokens: int,
                 gpu_memory_utilization: float = 0.9) -> Memory:
+    """The rank whose cache holds the fewest tokens: every rank allocates the block count of the smallest."""
     worst = None
+    tp = layout.tp
+    # ModelRunner._activation_bytes: a step's temporaries at the full token budget
+    per_token = 3 * m.hidden_size + 2 * (m.num_heads + 2 * m.num_kv_heads) * m.head_dim // tp + 3 * m.intermediate_size // tp
+    act = max_num_batched_tokens * per_token * itemsize + ACTIVATION_SLACK_BYTES
     for rank in range(layout.replica):
         sh = rank_shard(m, layout, rank)
         weights = rank_weights(m, sh, itemsize)
-        per_token = 3 * m.hidden_size + 2 * (m.num_heads + 2 * m.num_kv_heads) * m.head_dim // layout.tp + 3 * m.intermediate_size // layout.tp
-        act = max_num_batched_tokens * per_token * itemsize + ACTIVATION_SLACK_BYTES
         kv = 2 * sh.kv_heads * m.head_dim * itemsize * len(sh.layers)
         mem = Memory(weights, act, int(calib.memory_bytes * gpu_memory_utilization), kv)
         if worst is None or mem.kv_tokens < worst.kv_tokens:

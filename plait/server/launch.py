@@ -69,7 +69,7 @@ def run_server(engine_cfg: EngineConfig, cfg: ServerConfig, profile_comm_dir: st
     finally:
         loop.stop()
         if engine_cfg.profile_comm:  # every collective of the server's life (up to the profiler's cap)
-            from plait.comm.profiler import write_profile
+            from plait.comm.trace import write_profile
 
             write_profile(engine, profile_comm_dir)
         engine.shutdown()

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Issue 6's validation in one device call (nvidia-h200-x4, under 10 minutes): calibration, the TP=1/2/4, PP=2/4,
+# TP2xPP2 grid (batch 1, 8, 64 x prompt 128, 2048, 8192; Llama-3.1-8B shape, dummy weights, bf16), timed with decode
+# graphs and profiled, then the report. At most 8 files come back from $OUT: the JSON, the calibration, the log, the
+# report and its 3 plots. A run cut short keeps what it measured: run it again with RESUME=1 for the rest.
+# Usage on the device: OUT=/some/dir bash benchmarks/gpu_comm.sh
+set -u
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -4
+timeout 575 python3 benchmarks/comm_validate.py --out-dir "$OUT" --budget-s 530 ${RESUME:+--resume} 2>&1 | tail -30
+python3 benchmarks/comm_report.py "$OUT/comm_validation.json" --out "$OUT" 2>&1 | tail -2
+grep -E "within|Right \(within|^[123]\. " "$OUT/comm_report.md"

@@ -1,0 +1,97 @@
+"""`plait bench throughput` and `plait bench tp-sweep`: output tokens per second at saturation.
+
+throughput (vLLM's benchmark_throughput): every request is added at once and run to completion; the figure is
+output tokens over wall time, after one short warm-up run that compiles and tunes the kernels.
+
+tp-sweep: throughput at each TP degree over a fixed number of GPUs, the rest of them as data-parallel replicas
+(replicas = GPUs / TP). Tensor parallelism pays less per GPU as it grows (communication, and host work that does
+not shrink), while a replica of fewer GPUs has less room for KV cache: the degree with the most throughput is t_e
+(Albireo), the point past which one bigger replica loses to more replicas. Run it with and without the step
+loop's overlap features (--async-scheduling, --async-output-proc, --sampling-parallel) to see whether t_e moves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from plait.bench.results import write_result
+from plait.config import EngineConfig
+from plait.engine.data_parallel import make_engine
+from plait.sampling_params import SamplingParams
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--num-prompts", type=int, default=256)
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--output-json", default=None, help="write the result here (default: print only)")
+
+
+def add_sweep_args(parser: argparse.ArgumentParser) -> None:
+    add_args(parser)
+    parser.add_argument("--gpus", type=int, default=4, help="the GPU budget: every point uses all of them")
+    parser.add_argument("--tp-sizes", default="1,2,4", help="TP degrees, comma-separated; each must divide --gpus")
+
+
+def run(engine, num_prompts: int, input_len: int, output_len: int, seed: int = 0) -> dict:
+    """Add every request, step until all are done; random prompt ids, greedy, no early stop."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    start = time.perf_counter()
+    for _ in range(num_prompts):
+        engine.add_request(torch.randint(0, vocab, (input_len,), generator=g).tolist(), params)
+    produced = 0
+    while engine.has_unfinished_requests():
+        produced += sum(len(out.outputs[0].token_ids) for out in engine.step() if out.finished)
+    elapsed = time.perf_counter() - start
+    return {"elapsed_s": elapsed, "requests": num_prompts, "output_tokens": produced,
+            "output_tok_s": produced / elapsed, "total_tok_s": (produced + num_prompts * input_len) / elapsed}
+
+
+def measure(cfg: EngineConfig, args) -> dict:
+    """One configuration: build, warm up, measure, shut down."""
+    cfg = cfg.replace(max_model_len=cfg.max_model_len or args.input_len + args.output_len + 16)
+    engine = make_engine(cfg)
+    try:
+        run(engine, 2 * cfg.data_parallel_size, args.input_len, 4)  # compile and tune on every replica
+        figures = run(engine, args.num_prompts, args.input_len, args.output_len)
+    finally:
+        engine.shutdown()
+    return {"tensor_parallel_size": cfg.tensor_parallel_size, "data_parallel_size": cfg.data_parallel_size, **figures}
+
+
+def _setup(cfg: EngineConfig, args) -> dict:
+    return {"model": cfg.model, "dtype": cfg.dtype, "num_prompts": args.num_prompts, "input_len": args.input_len,
+            "output_len": args.output_len, "async_scheduling": cfg.async_scheduling,
+            "async_output_proc": cfg.async_output_proc, "sampling_parallel": cfg.sampling_parallel}
+
+
+def main(args: argparse.Namespace, cfg: EngineConfig) -> dict:
+    result = {"benchmark": "throughput", **_setup(cfg, args), **measure(cfg, args)}
+    print(f"{cfg.model} tp={cfg.tensor_parallel_size} dp={cfg.data_parallel_size}: {result['output_tok_s']:.1f} "
+          f"output tok/s ({result['output_tokens']} tokens in {result['elapsed_s']:.2f} s)")
+    write_result(result, args.output_json)
+    return result
+
+
+def sweep(args: argparse.Namespace, cfg: EngineConfig) -> dict:
+    sizes = [int(t) for t in args.tp_sizes.split(",")]
+    bad = [t for t in sizes if t < 1 or args.gpus % t]
+    if bad:
+        raise ValueError(f"TP degrees {bad} do not divide --gpus {args.gpus}: give divisors of it in --tp-sizes")
+    points = []
+    for tp in sizes:
+        point = measure(cfg.replace(tensor_parallel_size=tp, data_parallel_size=args.gpus // tp), args)
+        point["output_tok_s_per_gpu"] = point["output_tok_s"] / args.gpus
+        points.append(point)
+        print(f"  tp={tp} x dp={args.gpus // tp}: {point['output_tok_s']:10.1f} output tok/s")
+    best = max(points, key=lambda p: p["output_tok_s"])
+    result = {"benchmark": "tp_sweep", **_setup(cfg, args), "gpus": args.gpus, "points": points,
+              "t_e": best["tensor_parallel_size"]}
+    print(f"t_e = {result['t_e']} (the TP degree of the most throughput over {args.gpus} GPUs)")
+    write_result(result, args.output_json)
+    return result

@@ -1,0 +1,147 @@
+"""`plait plan`: every way to lay a model over N GPUs, predicted, ranked by the user's goal, with t_e.
+
+Goals: `latency` (lowest end-to-end time of a request at the workload's concurrency), `throughput` (most output
+tokens per second at the largest batch that fits), `slo` (most tokens per second at the largest batch whose
+TTFT and TPOT meet the SLOs). With a request rate, concurrency follows from Little's law: sequences in flight =
+rate x latency, solved per configuration (a configuration that cannot keep up is marked saturated).
+t_e (Albireo): the tensor-parallel degree with the lowest predicted latency for the workload; past it, more
+GPUs in one TP group cost more in communication and fixed work than they save.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from plait.config import ModelConfig
+from plait.plan.calibration import Calibration
+from plait.plan.predict import EngineLimits, Prediction, predict
+from plait.plan.shapes import Layout
+from plait.plan.workload import Workload
+
+GOALS = ("latency", "throughput", "slo")
+
+
+@dataclass(frozen=True)
+class Slo:
+    ttft_s: float | None = None
+    tpot_s: float | None = None
+
+    def met(self, p: Prediction) -> bool:
+        return (self.ttft_s is None or p.ttft_s <= self.ttft_s) and (self.tpot_s is None or p.tpot_s <= self.tpot_s)
+
+
+@dataclass
+class Choice:
+    """One configuration's prediction under the goal, and why it ranks where it does."""
+
+    prediction: Prediction
+    ok: bool  # fits in memory, keeps up with the rate, meets the SLOs (as the goal requires)
+    why: str
+
+    def score(self, goal: str) -> float:
+        p = self.prediction
+        return p.latency_s if goal == "latency" else -p.throughput
+
+
+def layouts(m: ModelConfig, gpus: int) -> list[Layout]:
+    """Every TP x PP x DP = gpus the engine accepts for this model (even pipeline splits)."""
+    if gpus < 1:
+        raise ValueError(f"--gpus must be >= 1, got {gpus}")
+    out = []
+    for tp in range(1, gpus + 1):
+        for pp in range(1, gpus // tp + 1):
+            if gpus % (tp * pp):
+                continue
+            layout = Layout(tp, pp, gpus // (tp * pp))
+            try:
+                layout.check(m)
+            except ValueError:
+                continue
+            out.append(layout)
+    return out
+
+
+def _batch_sizes(limit: int) -> list[int]:
+    sizes = [1 << i for i in range(max(limit, 1).bit_length()) if 1 << i <= limit]
+    return sizes + ([limit] if limit not in sizes else [])
+
+
+def _at_rate(m, layout, w: Workload, calib, lim) -> tuple[Prediction, bool]:
+    """Concurrency = rate x latency, iterated to a fixed point; False if the configuration cannot keep up."""
+    batch = layout.dp
+    p = predict(m, layout, batch, w.input_len, w.output_len, calib, lim)
+    for _ in range(30):
+        need = max(layout.dp, math.ceil(w.request_rate * p.latency_s))
+        if need > p.max_batch * layout.dp:
+            return predict(m, layout, p.max_batch * layout.dp, w.input_len, w.output_len, calib, lim), False
+        if need == batch:
+            break
+        batch = need
+        p = predict(m, layout, batch, w.input_len, w.output_len, calib, lim)
+    return p, p.throughput / w.output_len >= w.request_rate * 0.999
+
+
+def evaluate(m: ModelConfig, layout: Layout, w: Workload, goal: str, slo: Slo, calib: Calibration,
+             lim: EngineLimits) -> Choice:
+    probe = predict(m, layout, layout.dp, w.input_len, w.output_len, calib, lim)
+    if probe.max_batch < 1 or probe.memory.kv_cache <= 0:
+        return Choice(probe, False, f"does not fit: weights {probe.memory.weights / 2**30:.1f} GiB per GPU")
+    cap = probe.max_batch * layout.dp
+    if goal in ("throughput", "slo"):
+        best = None
+        for b in _batch_sizes(cap):
+            p = predict(m, layout, b, w.input_len, w.output_len, calib, lim)
+            if goal == "slo" and not slo.met(p):
+                break
+            best = p
+        if best is None:
+            return Choice(probe, False, f"misses the SLOs even at batch {layout.dp}: TTFT {probe.ttft_s * 1e3:.1f} ms, "
+                                        f"TPOT {probe.tpot_s * 1e3:.2f} ms")
+        return Choice(best, True, _why(best, cap))
+    if w.request_rate is not None:
+        p, keeps_up = _at_rate(m, layout, w, calib, lim)
+        ok = keeps_up and slo.met(p)
+        why = _why(p, cap) + ("" if keeps_up else f"; saturated below {w.request_rate:g} req/s")
+        return Choice(p, ok, why)
+    batch = w.batch or 1
+    p = predict(m, layout, batch, w.input_len, w.output_len, calib, lim)
+    return Choice(p, p.fits and slo.met(p), _why(p, cap) + ("" if p.fits else f"; batch {batch} does not fit"))
+
+
+def _why(p: Prediction, cap: int) -> str:
+    bound = "max_num_seqs" if p.max_batch == p.max_seqs else "KV cache"
+    return f"comm {100 * p.comm_share:.0f}% of decode; holds {cap} seqs ({cap / p.batch:.1f}x this batch; {bound})"
+
+
+def plan(m: ModelConfig, gpus: int, w: Workload, goal: str, slo: Slo, calib: Calibration,
+         lim: EngineLimits, progress=None) -> list[Choice]:
+    """Every layout, best first: those that satisfy the goal, then the rest."""
+    if goal not in GOALS:
+        raise ValueError(f"goal must be one of {', '.join(GOALS)}; got {goal!r}")
+    if goal == "slo" and slo.ttft_s is None and slo.tpot_s is None:
+        raise ValueError("goal 'slo' needs --slo-ttft and/or --slo-tpot")
+    choices = []
+    for layout in layouts(m, gpus):
+        choices.append(evaluate(m, layout, w, goal, slo, calib, lim))
+        if progress is not None:
+            progress.update(1)
+    return sorted(choices, key=lambda c: (not c.ok, c.score(goal)))
+
+
+def effective_tp(m: ModelConfig, gpus: int, w: Workload, calib: Calibration,
+                 lim: EngineLimits) -> tuple[int | None, list[Prediction]]:
+    """t_e: the TP degree (1 .. gpus, one replica, one stage) with the lowest latency at the workload's batch,
+    among those that fit (None if none does)."""
+    preds = []
+    for tp in range(1, gpus + 1):
+        layout = Layout(tp)
+        try:
+            layout.check(m)
+        except ValueError:
+            continue
+        p = predict(m, layout, w.batch or 1, w.input_len, w.output_len, calib, lim)
+        if p.fits:
+            preds.append(p)
+    best = min(preds, key=lambda p: p.latency_s, default=None)
+    return (best.layout.tp if best else None), preds

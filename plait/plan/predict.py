@@ -1,0 +1,199 @@
+"""Predicted figures of one configuration on one workload: the engine's step loop replayed on modeled step times.
+
+The batch becomes steps (`workload.fixed_batch_steps`); each step's time on each pipeline stage comes from
+`costs.stage_time`; then the driver loop is replayed as `LLMEngine.step` runs it: submit a plan for every idle
+micro-batch, wait for the oldest, pay the host's per-step work, repeat. Each stage runs its plans in order, so
+a plan waits for its stage to be free: that is the pipeline bubble, (p - 1) / (m + p - 1) of a run of m
+micro-batches over p stages, here played out step by step. Data-parallel replicas run side by side on their
+share of the batch. TTFT, TPOT and throughput are measured on the replayed timeline the way
+`plait bench latency` measures the real one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+from plait.config import ModelConfig
+from plait.plan.calibration import Calibration
+from plait.plan.collectives import rank_collectives
+from plait.plan.costs import Memory, rank_memory, stage_time, uses_graph
+from plait.plan.shapes import Layout
+from plait.plan.workload import StepShape, fixed_batch_steps
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """The engine settings that shape the steps (EngineConfig fields of the same names)."""
+
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 64
+    itemsize: int = 2  # bytes per element of weights and activations (bf16)
+    enforce_eager: bool = False
+    gpu_memory_utilization: float = 0.9
+    block_size: int = 16
+    prompt_logprobs: bool = False
+
+
+@dataclass
+class PhaseComm:
+    """Steps of one phase: collectives and bytes per rank per step, and time (summed over the phase's steps)."""
+
+    steps: int = 0
+    collectives: float = 0.0
+    bytes: float = 0.0
+    comm_s: float = 0.0  # inside collectives and stage-to-stage transfers, along one micro-batch's path
+    step_s: float = 0.0  # the path's whole time (all stages, plus host)
+
+    @property
+    def share(self) -> float:
+        return self.comm_s / self.step_s if self.step_s else 0.0
+
+
+@dataclass
+class Prediction:
+    layout: Layout
+    batch: int  # concurrent sequences, all replicas
+    input_len: int
+    output_len: int
+    ttft_s: float
+    tpot_s: float
+    total_s: float  # the whole batch, first step to last token
+    memory: Memory
+    max_batch: int  # sequences of this workload's length one replica holds (KV cache, sequence limits)
+    max_seqs: int  # the schedulers' sequence limit alone (max_num_seqs per micro-batch)
+    phases: dict[str, PhaseComm] = field(default_factory=dict)
+    first_step_collectives: list = field(default_factory=list)  # rank 0's collectives in the first step
+    last_step_collectives: list = field(default_factory=list)  # and in the last (a decode step when output_len > 1)
+
+    @property
+    def fits(self) -> bool:
+        return self.memory.kv_cache > 0 and math.ceil(self.batch / self.layout.dp) <= self.max_batch
+
+    @property
+    def latency_s(self) -> float:
+        """One request's end-to-end time: first token, then the rest at TPOT."""
+        return self.ttft_s + (self.output_len - 1) * self.tpot_s
+
+    @property
+    def throughput(self) -> float:
+        """Output tokens per second over all replicas."""
+        return self.batch * self.output_len / self.total_s
+
+    @property
+    def comm_share(self) -> float:
+        """Share of communication in decode steps (the steady state), else over every step."""
+        p = self.phases.get("decode")
+        if p and p.steps:
+            return p.share
+        comm = sum(p.comm_s for p in self.phases.values())
+        total = sum(p.step_s for p in self.phases.values())
+        return comm / total if total else 0.0
+
+
+@dataclass
+class _Timeline:
+    ttft_s: float = 0.0
+    tpot_s: float = 0.0
+    total_s: float = 0.0
+    phases: dict[str, PhaseComm] = field(default_factory=dict)
+
+
+def _replay(m: ModelConfig, layout: Layout, mb_steps: list[list[StepShape]], calib: Calibration, lim: EngineLimits,
+            output_len: int) -> _Timeline:
+    """The engine loop on modeled times: one plan in flight per micro-batch; stages run plans first come first served."""
+    stage_free = [0.0] * layout.pp
+    nxt = [0] * len(mb_steps)
+    flight: deque[tuple[int, StepShape, float, float]] = deque()
+    t, firsts, first_sum, finish_sum = 0.0, 0, 0.0, 0.0
+    batch = sum(sum(s.first_tokens for s in steps) for steps in mb_steps)
+    out = _Timeline()
+    while True:
+        busy = {j for j, *_ in flight}
+        for j, steps in enumerate(mb_steps):
+            if j in busy or nxt[j] >= len(steps):
+                continue
+            shape = steps[nxt[j]]
+            nxt[j] += 1
+            graph = uses_graph(calib, layout, shape, lim.max_num_seqs, lim.enforce_eager)
+            arrive, comm, path = t, 0.0, 0.0
+            ph = out.phases.setdefault(shape.phase, PhaseComm())
+            ph.steps += 1
+            for s in range(layout.pp):
+                st = stage_time(m, layout, s, shape, calib, lim.itemsize, graph)
+                arrive = stage_free[s] = max(arrive, stage_free[s]) + st.total_s
+                comm, path = comm + st.comm_s + st.p2p_s, path + st.total_s
+                ph.collectives += len(st.collectives) / layout.pp
+                ph.bytes += sum(c.bytes for c in st.collectives) / layout.pp
+            flight.append((j, shape, arrive, comm))
+            ph.comm_s += comm
+            ph.step_s += path
+        if not flight:
+            break
+        _, shape, done, _ = flight.popleft()
+        host = calib.host_step_s + calib.host_per_seq_s * shape.seqs
+        t = max(t, done) + host
+        out.phases[shape.phase].step_s += host
+        firsts += shape.first_tokens
+        first_sum += shape.first_tokens * t
+        finish_sum += shape.finished * t
+        if shape.first_tokens and firsts == batch:
+            out.ttft_s = t
+    for ph in out.phases.values():
+        ph.collectives /= max(ph.steps, 1)
+        ph.bytes /= max(ph.steps, 1)
+    out.total_s = t
+    out.tpot_s = (finish_sum - first_sum) / (batch * (output_len - 1)) if output_len > 1 else 0.0
+    return out
+
+
+def kv_batch(memory: Memory, input_len: int, output_len: int, block_size: int) -> int:
+    """Sequences whose whole length (in blocks) the KV cache of one replica holds at once."""
+    blocks = math.ceil((input_len + output_len) / block_size)
+    return memory.kv_tokens // (blocks * block_size)
+
+
+def predict(m: ModelConfig, layout: Layout, batch: int, input_len: int, output_len: int, calib: Calibration,
+            lim: EngineLimits = EngineLimits()) -> Prediction:
+    """A fixed batch of `batch` equal prompts, all arriving at once (as `plait bench latency` runs it)."""
+    layout.check(m)
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    per_replica = math.ceil(batch / layout.dp)  # the fullest replica sets the pace
+    mb = fixed_batch_steps(per_replica, input_len, output_len, lim.max_num_batched_tokens, lim.max_num_seqs,
+                           layout.pp, lim.prompt_logprobs)
+    tl = _replay(m, layout, mb, calib, lim, output_len)
+    mem = rank_memory(m, layout, calib, lim.itemsize, lim.max_num_batched_tokens, lim.gpu_memory_utilization)
+    first, last = mb[0][0], mb[0][-1]
+    seqs = lim.max_num_seqs * layout.pp  # one scheduler per stage
+    return Prediction(
+        layout, batch, input_len, output_len, tl.ttft_s, tl.tpot_s, tl.total_s, mem,
+        min(kv_batch(mem, input_len, output_len, lim.block_size), seqs), seqs, tl.phases,
+        rank_collectives(m, layout, 0, first.tokens, first.logit_rows, lim.itemsize),
+        rank_collectives(m, layout, 0, last.tokens, last.logit_rows, lim.itemsize),
+    )
+
+
+def comm_totals(m: ModelConfig, layout: Layout, batch: int, input_len: int, output_len: int, calib: Calibration,
+                lim: EngineLimits = EngineLimits()) -> dict[str, dict[str, float]]:
+    """Per op, per rank (mean over a replica's ranks) over the whole fixed-batch run: count, bytes and seconds, as
+    the profiler sums its records. send / recv are priced as transfers; a profiled recv also waits for the stage
+    before it, so only the other ops compare like for like."""
+    per_replica = math.ceil(batch / layout.dp)
+    out: dict[str, dict[str, float]] = {}
+    for steps in fixed_batch_steps(per_replica, input_len, output_len, lim.max_num_batched_tokens, lim.max_num_seqs,
+                                   layout.pp, lim.prompt_logprobs):
+        for shape in steps:
+            graph = uses_graph(calib, layout, shape, lim.max_num_seqs, lim.enforce_eager)
+            for rank in range(layout.replica):
+                for c in rank_collectives(m, layout, rank, shape.tokens, shape.logit_rows, lim.itemsize):
+                    op = out.setdefault(c.op, {"n": 0.0, "bytes": 0.0, "s": 0.0})
+                    op["n"] += 1 / layout.replica
+                    op["bytes"] += c.bytes / layout.replica
+                    if c.op in ("send", "recv"):
+                        op["s"] += calib.collective_time("send_recv", c.wire_bytes, 2, False) / layout.replica
+                    else:
+                        op["s"] += (calib.collective_time(c.op, c.wire_bytes, c.group_size, graph)
+                                    + calib.sync_per_collective_s) / layout.replica
+    return out

@@ -1,0 +1,243 @@
+"""The analytical model and the planner: shards, exact collectives, costs, the replayed pipeline, calibration files."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+
+from plait.cli import main as cli_main
+from plait.plan.calibration import Calibration, Curve, curve_key, fit_alpha_beta, h200_defaults
+from plait.plan.collectives import rank_collectives
+from plait.plan.costs import rank_memory, stage_time
+from plait.plan.overheads import Point, fit
+from plait.plan.planner import Slo, effective_tp, layouts, plan
+from plait.plan.predict import EngineLimits, comm_totals, predict
+from plait.plan.shapes import Layout, load_model_config, rank_shard
+from plait.plan.workload import StepShape, Workload, fixed_batch_steps, microbatch_steps, workload_from_trace
+
+KB, MB = 1024, 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model_config("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def llama8b():
+    return load_model_config("llama3-8b")
+
+
+def test_curves_interpolate_and_fit_alpha_beta():
+    sizes = [1 * KB, 1 * MB, 64 * MB]
+    alpha, beta = 10e-6, 100e9
+    c = Curve(sizes, [alpha + s / beta for s in sizes])
+    assert c.alpha == pytest.approx(alpha) and c.beta == pytest.approx(beta)
+    assert c.time(100) == c.seconds[0]  # latency does not shrink below the smallest measured size
+    assert c.time(512 * KB) == pytest.approx(alpha + 512 * KB / beta)
+    assert c.time(128 * MB) == pytest.approx(alpha + 128 * MB / beta)
+    bumpy = Curve([16 * KB, 64 * KB], [21.5e-6, 11.8e-6])  # NCCL's 2-GPU graph figures are not monotone
+    assert bumpy.time(40 * KB) == pytest.approx(16.65e-6)
+    assert fit_alpha_beta([5], [3e-6]) == (3e-6, float("inf"))
+    with pytest.raises(ValueError, match="ascending sizes"):
+        Curve([2, 1], [1.0, 2.0])
+
+
+def test_calibration_picks_the_communicators_path_and_scales_group_sizes():
+    c = h200_defaults()
+    assert c.choose("all_reduce", 8 * KB, graph=True) == ("symm_one_shot", "graph")
+    assert c.choose("all_reduce", 1 * MB, graph=False) == ("symm_two_shot", "eager")
+    assert c.choose("all_reduce", 16 * MB, graph=True) == ("nccl", "graph")
+    assert dataclasses.replace(c, device="cpu").choose("all_reduce", 8, graph=True) == ("gloo", "eager")
+    assert c.collective_time("all_reduce", 8 * KB, 1, True) == 0.0
+    # Measured at 4 ranks, asked for 8: the ring model scales latency by 7/3 and the bandwidth term by (7/8)/(3/4).
+    curve, a, b, how = c.curve("all_reduce", "nccl", "graph", 8)
+    assert (a, b) == (pytest.approx(7 / 3), pytest.approx(7 / 8 / (3 / 4))) and "scaled to 8 ranks" in how
+    _, _, _, how = c.curve("all_gather", "nccl", "eager", 2)
+    assert "no eager curve" in how
+    with pytest.raises(ValueError, match="no curve for all_to_all over nccl"):
+        c.curve("all_to_all", "nccl", "graph", 2)
+
+
+def test_calibration_file_round_trip(tmp_path):
+    path = tmp_path / "cal.json"
+    h200_defaults().save(str(path))
+    back = Calibration.load(str(path))
+    assert back.source == f"measured: {path}" and back.curves.keys() == h200_defaults().curves.keys()
+    assert back.collective_time("all_reduce", 1 * MB, 2, True) == h200_defaults().collective_time("all_reduce", 1 * MB, 2, True)
+    path.write_text(json.dumps({**json.loads(path.read_text()), "bogus": 1}))
+    with pytest.raises(ValueError, match="unknown fields \\['bogus'\\]"):
+        Calibration.load(str(path))
+    with pytest.raises(ValueError, match="cannot read calibration file"):
+        Calibration.load(str(tmp_path / "missing.json"))
+
+
+def test_uneven_shards_follow_the_engines_plan(smollm2):
+    r0, r1 = (rank_shard(smollm2, Layout(2), r) for r in range(2))
+    assert (r0.q_heads, r0.kv_heads, r1.q_heads, r1.kv_heads) == (5, 2, 4, 2)  # KV head 1 replicated
+    assert r0.intermediate + r1.intermediate == 1536 and r0.vocab_rows == r1.vocab_rows == 24576
+    s = rank_shard(smollm2, Layout(3, 2), 4)  # stage 1, tensor rank 1
+    assert (s.stage, s.tp_rank, s.layers, s.first, s.last) == (1, 1, range(15, 30), False, True)
+    assert rank_shard(load_model_config("llama3-8b"), Layout(3), 2).vocab_rows == 42752  # 128256 / 3
+
+
+def test_collectives_of_a_step_are_exact(smollm2):
+    # decode of 4 sequences at TP=2: embedding + 2 per layer all-reduces of [4, 576] bf16; the LM head's shard.
+    coll = rank_collectives(smollm2, Layout(2), 1, tokens=4, logit_rows=4, itemsize=2)
+    assert [c.op for c in coll] == ["all_reduce"] * 61 + ["all_gather"]
+    assert {c.bytes for c in coll[:-1]} == {4 * 576 * 2} and coll[-1].bytes == 4 * 24576 * 4
+    assert coll[1].layer == 0 and coll[-2].layer == 29 and coll[-1].wire_bytes == 4 * 49152 * 4
+    assert rank_collectives(smollm2, Layout(2), 0, tokens=40, logit_rows=0, itemsize=2)[-1].op == "all_reduce"
+    assert rank_collectives(smollm2, Layout(1), 0, 4, 4, 2) == []
+    # PP=2: stage 0 sends hidden and residual; stage 1 receives them; no TP collectives.
+    s0, s1 = (rank_collectives(smollm2, Layout(1, 2), r, 4, 4, 2) for r in range(2))
+    assert [(c.op, c.peer, c.bytes) for c in s0] == [("send", 1, 4608)] * 2
+    assert [(c.op, c.peer) for c in s1] == [("recv", 0)] * 2
+    # TP2 x PP2, rank 3 (stage 1): recv x2 from rank 1, 30 all-reduces, the all-gather.
+    ops = [c.op for c in rank_collectives(smollm2, Layout(2, 2), 3, 4, 4, 2)]
+    assert ops == ["recv"] * 2 + ["all_reduce"] * 30 + ["all_gather"]
+
+
+def test_schedule_replay_chunks_prefill_and_counts_rows():
+    steps = microbatch_steps(batch=3, input_len=20, output_len=4, budget=32, max_num_seqs=8, prompt_logprobs=True)
+    assert [s.chunks for s in steps[:2]] == [((0, 20), (0, 12)), ((20, 1), (12, 8), (0, 20))]
+    assert [s.phase for s in steps] == ["prefill", "mixed", "decode", "decode", "decode"]
+    assert steps[0].logit_rows == 19 + 1 + 12 and steps[1].logit_rows == 1 + 7 + 1 + 19 + 1
+    assert sum(s.first_tokens for s in steps) == sum(s.finished for s in steps) == 3
+    assert steps[1].attention_pairs == (20 + 1) + (8 * 12 + 36) + 210 and steps[1].context_tokens == 21 + 20 + 20
+    assert [len(mb) for mb in fixed_batch_steps(5, 8, 2, 64, 8, num_microbatches=2)] == [2, 2]  # 3 + 2 requests
+    with pytest.raises(ValueError, match="must all be >= 1"):
+        microbatch_steps(0, 8, 2, 64, 8)
+
+
+def test_pipeline_replay_shows_the_bubble(smollm2):
+    """m equal micro-batches of one prefill step each over p stages take (m + p - 1) stage times (no host cost)."""
+    calib = dataclasses.replace(h200_defaults(), host_step_s=0.0, host_per_seq_s=0.0, curves={
+        curve_key("send_recv", "nccl", "eager", 2): Curve([1, 2], [0.0, 0.0])})
+    lim = EngineLimits(max_num_batched_tokens=4096)
+    for p in (2, 3):
+        layout = Layout(1, p)
+        pred = predict(smollm2, layout, batch=p * 4, input_len=256, output_len=1, calib=calib, lim=lim)
+        shape = fixed_batch_steps(4, 256, 1, 4096, 64)[0][0]
+        t_stage = max(stage_time(smollm2, layout, s, shape, calib, 2, graph=False).total_s for s in range(p))
+        assert pred.ttft_s == pytest.approx((p + p - 1) * t_stage, rel=1e-6)
+    one = predict(smollm2, Layout(1, 2), 1, 256, 1, calib, lim)  # one sequence: the stages run one after the other
+    alone = StepShape(((0, 256),), 1, "prefill")
+    assert one.ttft_s == pytest.approx(sum(stage_time(smollm2, Layout(1, 2), s, alone, calib, 2, False).total_s
+                                           for s in range(2)), rel=1e-6)
+
+
+def test_predictions_tp_dp_and_memory(llama8b):
+    calib = h200_defaults()
+    tp1, tp2 = (predict(llama8b, Layout(tp), 1, 128, 64, calib) for tp in (1, 2))
+    assert tp1.comm_share == 0 and 0.1 < tp2.comm_share < 0.8 and tp2.tpot_s < tp1.tpot_s
+    assert tp1.tpot_s == pytest.approx(4.83e-3, rel=0.05)  # benchmarks/results/latency_tp1_bs1.json
+    dp = predict(llama8b, Layout(1, 1, 2), 8, 128, 64, calib)
+    half = predict(llama8b, Layout(1), 4, 128, 64, calib)
+    assert dp.tpot_s == pytest.approx(half.tpot_s) and dp.throughput == pytest.approx(2 * half.throughput)
+    big = load_model_config("llama3-70b")
+    assert rank_memory(big, Layout(1), calib, 2, 2048).kv_cache == 0  # 140 GB of weights
+    assert rank_memory(big, Layout(2), calib, 2, 2048).kv_tokens > 100_000
+    assert not predict(big, Layout(1), 1, 128, 8, calib).fits
+
+
+def test_planner_enumerates_ranks_and_finds_te(smollm2, llama8b):
+    assert {lay.name for lay in layouts(llama8b, 4)} == {"TP4", "TP2xDP2", "DP4", "PP2xDP2", "PP4", "TP2xPP2"}
+    assert "PP4" not in {lay.name for lay in layouts(smollm2, 4)}  # 30 layers do not split evenly in 4
+    calib, lim = h200_defaults(), EngineLimits()
+    w = Workload(128, 64, batch=1)
+    ranked = plan(llama8b, 4, w, "latency", Slo(), calib, lim)
+    lat = [c.prediction.latency_s for c in ranked if c.ok]
+    assert lat == sorted(lat) and ranked[0].prediction.layout.name == "TP4"
+    te, sweep = effective_tp(llama8b, 4, w, calib, lim)
+    assert te == min(sweep, key=lambda p: p.latency_s).layout.tp
+    thr = plan(llama8b, 4, w, "throughput", Slo(), calib, lim)
+    assert thr[0].prediction.throughput == max(c.prediction.throughput for c in thr if c.ok)
+    slo = plan(llama8b, 4, w, "slo", Slo(tpot_s=6e-3), calib, lim)
+    assert all(c.prediction.tpot_s <= 6e-3 for c in slo if c.ok)
+    with pytest.raises(ValueError, match="needs --slo-ttft and/or --slo-tpot"):
+        plan(llama8b, 4, w, "slo", Slo(), calib, lim)
+    rate = plan(llama8b, 2, Workload(128, 64, request_rate=5.0), "latency", Slo(), calib, lim)
+    assert all(math.ceil(5.0 * c.prediction.latency_s) <= c.prediction.batch + 1 for c in rate if c.ok)
+
+
+def test_trace_workloads_and_their_errors(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(json.dumps({"timestamp": t, "input_len": 100 + t, "output_len": 10}) for t in range(5)))
+    assert workload_from_trace(str(path)) == Workload(102, 10, request_rate=1.0)
+    path.write_text('{"timestamp": 0, "input_len": 5}\n')
+    with pytest.raises(ValueError, match="missing \\['output_len'\\]"):
+        workload_from_trace(str(path))
+    with pytest.raises(ValueError, match="request_rate must be > 0"):
+        Workload(1, 1, request_rate=0)
+
+
+def test_overhead_fit_recovers_known_terms():
+    truth = {"host_step_s": 200e-6, "host_per_seq_s": 10e-6, "graph_layer_s": 20e-6, "sync_per_collective_s": 15e-6}
+    points = []
+    for layers, tp, n in ((32, 1, 0), (2, 1, 0), (32, 2, 65)):
+        for b in (1, 16):
+            resid = (truth["host_step_s"] + b * truth["host_per_seq_s"] + layers * truth["graph_layer_s"]
+                     + n * truth["sync_per_collective_s"])
+            points.append(Point(layers, tp, b, n, ttft_s=layers * 400e-6, tpot_s=1e-3 + resid, base_ttft_s=0.0, base_tpot_s=1e-3))
+    fitted = fit(points, "cuda")
+    for k, v in truth.items():
+        assert fitted[k] == pytest.approx(v, rel=1e-6)
+    assert fitted["eager_layer_s"] == pytest.approx(400e-6)
+
+
+def test_plan_cli_says_where_its_figures_come_from(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert cli_main(["plan", "llama3-8b", "--gpus", "2", "--input-len", "256", "--output-len", "32",
+                     "--plot", str(tmp_path / "p.png"), "--output-json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "figures: built-in defaults: H200 figures of ../shared/DEVICE.md" in text and "t_e = " in text
+    data = json.loads(out.read_text())
+    assert {r["config"] for r in data["ranked"]} == {"TP2", "DP2", "PP2"} and (tmp_path / "p.png").stat().st_size > 0
+    assert cli_main(["plan", "llama3-8b", "--gpus", "0"]) == 2
+    assert "--gpus must be >= 1" in capsys.readouterr().err
+
+
+def test_calibrate_on_cpu_writes_a_file_plan_reads(tmp_path, capsys):
+    """gloo over 2 real processes, small messages, few iterations: the whole path, quickly."""
+    path = tmp_path / "cal.json"
+    assert cli_main(["calibrate", "--device", "cpu", "--sizes", "4096,65536", "--iters", "2", "--output", str(path)]) == 0
+    cal = Calibration.load(str(path))
+    assert cal.device == "cpu" and cal.matmul_flops > 0 and cal.copy_bytes_s > 0
+    for op in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv"):
+        curve = cal.curves[curve_key(op, "gloo", "eager", 2)]
+        assert curve.sizes == [4096, 65536] and all(s > 0 for s in curve.seconds)
+    capsys.readouterr()
+    assert cli_main(["plan", "--gpus", "2", "--calibration", str(path), "--input-len", "32", "--output-len", "4"]) == 0
+    assert f"figures: measured: {path}" in capsys.readouterr().out
+
+
+def test_validation_report_from_results_json(tmp_path, smollm2):
+    """benchmarks/comm_report.py on a small results file whose 'measurements' are the model's own figures x 1.1."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "comm_report.py"
+    spec = importlib.util.spec_from_file_location("comm_report", path)
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    calib, configs = h200_defaults(), {}
+    lim = EngineLimits(2048, 8)
+    for name, (tp, pp) in {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}.items():
+        points, profiled = [], []
+        for b, n in ((1, 128), (8, 512)):
+            p = predict(smollm2, Layout(tp, pp), b, n, 8, calib, lim)
+            points.append({"batch": b, "input_len": n, "output_len": 8, "ttft_ms": 1.1e3 * p.ttft_s, "tpot_ms": 1.1e3 * p.tpot_s})
+            eager = dataclasses.replace(lim, enforce_eager=True)
+            ops = {op: {k: v * (1.1 if k == "s" else 1) for k, v in o.items()}
+                   for op, o in comm_totals(smollm2, Layout(tp, pp), b, n, 8, calib, eager).items()}
+            profiled.append({"batch": b, "input_len": n, "ops": ops, "exact_steps": 3, "steps_compared": 3, "schedule_exact": True})
+        configs[name] = {"tp": tp, "pp": pp, "engine": {"dtype": "bfloat16", "max_num_batched_tokens": 2048, "max_num_seqs": 8},
+                         "points": points, "profiled": profiled}
+    md = pathlib.Path(report.write({"model": "smollm2-135m", "configs": configs, "skipped": []}, calib, str(tmp_path))).read_text()
+    assert "- TPOT: 6/6 within 15%; median |error| 9.1%" in md and "- COMM: 2/2 within 15%" in md
+    assert "in 2/2 grid points" in md and "| tp1 | 1 | 128 | 3/3 | exact |" in md
+    assert "2. PP moves the least" in md and (tmp_path / "comm_report_tpot.png").exists()
