@@ -11,25 +11,14 @@ from __future__ import annotations
 import torch
 
 from plait.config import ModelConfig
-
-
-def _time_cuda(fn, iters: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / iters
+from plait.plan.microbench import time_fn
 
 
 def hbm_bandwidth(device: str = "cuda", nbytes: int = 2 << 30) -> float:
     """Bytes per second of a device-to-device copy, counting the read and the write."""
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
     dst = torch.empty_like(src)
-    seconds = _time_cuda(lambda: dst.copy_(src), 10)
+    seconds = time_fn(lambda: dst.copy_(src), device, 10)
     del src, dst
     return 2 * nbytes / seconds
 
@@ -38,7 +27,7 @@ def matmul_rate(device: str = "cuda", n: int = 8192) -> float:
     """bf16 FLOP/s of an n^3 GEMM."""
     a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
     b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
-    seconds = _time_cuda(lambda: a @ b, 20)
+    seconds = time_fn(lambda: a @ b, device, 20)
     return 2 * n**3 / seconds
 
 

@@ -22,6 +22,25 @@ import triton.language as tl
 
 
 @triton.jit
+def _attend_block(q, K, V, table, n, nmask, valid, d, dmask, kvh, m_i, l_i, acc, scale,
+                  stride_kb, stride_ks, stride_kh, BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr):
+    """One step of online softmax over key positions `n`, gathered through the block `table`.
+    q: [rows, DP]; valid: [rows, BLOCK_N] which scores count. Returns the updated (max, sum, accumulator)."""
+    blk = tl.load(table + n // BLOCK_SIZE, mask=nmask, other=0)
+    off = blk.to(tl.int64) * stride_kb + (n % BLOCK_SIZE) * stride_ks + kvh * stride_kh
+    k = tl.load(K + off[:, None] + d[None, :], mask=nmask[:, None] & dmask, other=0.0)  # [BLOCK_N, DP]
+    v = tl.load(V + off[:, None] + d[None, :], mask=nmask[:, None] & dmask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [rows, BLOCK_N]
+    s = tl.where(valid, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp(s - m_new[:, None])
+    alpha = tl.exp(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _decode_kernel(
     Q, K, V, BT, SEQ_LENS, Q_FIRST, Q_COUNT, O_PART, LSE_PART,
     stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt,
@@ -47,18 +66,8 @@ def _decode_kernel(
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         nmask = n < end
-        blk = tl.load(BT + b * stride_bt + n // BLOCK_SIZE, mask=nmask, other=0)
-        off = blk.to(tl.int64) * stride_kb + (n % BLOCK_SIZE) * stride_ks + kvh * stride_kh
-        k = tl.load(K + off[:, None] + d[None, :], mask=nmask[:, None] & dmask, other=0.0)  # [BLOCK_N, DP]
-        v = tl.load(V + off[:, None] + d[None, :], mask=nmask[:, None] & dmask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [G, BLOCK_N]
-        s = tl.where(nmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _attend_block(q, K, V, BT + b * stride_bt, n, nmask, nmask[None, :], d, dmask, kvh, m_i, l_i,
+                                      acc, scale, stride_kb, stride_ks, stride_kh, BLOCK_SIZE, PRECISION)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
@@ -160,18 +169,9 @@ def _prefill_kernel(
     for n0 in range(0, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         nmask = n < end
-        blk = tl.load(BT + b * stride_bt + n // BLOCK_SIZE, mask=nmask, other=0)
-        off = blk.to(tl.int64) * stride_kb + (n % BLOCK_SIZE) * stride_ks + kvh * stride_kh
-        k = tl.load(K + off[:, None] + d[None, :], mask=nmask[:, None] & dmask, other=0.0)
-        v = tl.load(V + off[:, None] + d[None, :], mask=nmask[:, None] & dmask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_M, BLOCK_N]
-        s = tl.where(nmask[None, :] & (n[None, :] <= q_pos[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        causal = nmask[None, :] & (n[None, :] <= q_pos[:, None])
+        m_i, l_i, acc = _attend_block(q, K, V, BT + b * stride_bt, n, nmask, causal, d, dmask, kvh, m_i, l_i,
+                                      acc, scale, stride_kb, stride_ks, stride_kh, BLOCK_SIZE, PRECISION)
     out = acc / l_i[:, None]
     tl.store(O + (q_start + m)[:, None] * stride_ot + h * stride_oh + d[None, :], out.to(O.dtype.element_ty), mask=mmask[:, None] & dmask)
 
