@@ -94,7 +94,10 @@ class Communicator:
     def enable_symm_mem(self, max_numel: int, dtype: torch.dtype, device: torch.device) -> bool:
         """Allocate and rendezvous (once, eagerly: it cannot be captured) a buffer for P2P all-reduces of up to
         `max_numel` elements. NVLink multicast is never used: only the one-shot / two-shot P2P kernels.
-        Returns False, leaving NCCL in charge, where symmetric memory is unavailable."""
+        Returns False, leaving NCCL in charge, where symmetric memory is unavailable or the group is not a power of
+        two (a 3-rank group hung in calibration on the H200s; the engine runs 2, 4 and 8)."""
+        if self.size & (self.size - 1):
+            return False
         try:
             import torch.distributed._symmetric_memory as symm_mem
 
