@@ -146,6 +146,11 @@ class EngineConfig:
     attention_backend: str = _help("auto | torch (reference) | triton (paged kernels); auto = triton on GPU.", default="auto")
     all_reduce_backend: str = _help("auto | nccl | symm_mem (P2P one/two-shot for messages up to 4 MB; auto = symm_mem on GPU).",
                                     default="auto")
+    fused_allreduce_norm: str = _help("auto | on | off: finish each row-parallel all-reduce inside the next RMSNorm, "
+                                      "one symmetric-memory kernel on GPU (docs/fused_allreduce_norm.md); auto = on "
+                                      "GPU for the step sizes where it was measured faster.", default="auto")
+    skip_all_reduce: bool = _help("Benchmarks only: every tensor-parallel all-reduce returns its input unreduced, "
+                                  "so a step costs what it would without communication (wrong outputs).", default=False)
     enforce_eager: bool = _help("Never replay decode steps from CUDA graphs.", default=False)
     async_scheduling: bool = _help("Plan step N+1 while the ranks run step N; sampled tokens feed the next step on "
                                    "the device and reach the host a step later (docs/step_loop.md).", default=False)
@@ -167,6 +172,14 @@ class EngineConfig:
             raise ValueError(f"load_format must be auto, safetensors, gguf or dummy; got {self.load_format!r}")
         if self.all_reduce_backend not in ("auto", "nccl", "symm_mem"):
             raise ValueError(f"all_reduce_backend must be auto, nccl or symm_mem; got {self.all_reduce_backend!r}")
+        if self.fused_allreduce_norm not in ("auto", "on", "off"):
+            raise ValueError(f"fused_allreduce_norm must be auto, on or off; got {self.fused_allreduce_norm!r}")
+        if self.fused_allreduce_norm == "on" and (self.pipeline_parallel_size > 1 or self.sequence_parallel_size > 1):
+            raise ValueError(
+                f"fused_allreduce_norm='on' needs pipeline_parallel_size 1 and sequence_parallel_size 1 (got "
+                f"{self.pipeline_parallel_size} and {self.sequence_parallel_size}): it fuses the tensor-parallel "
+                f"all-reduce into the next layer's norm, which a pipeline stage boundary or a sequence split separates"
+            )
         if self.shift_parallel and self.sequence_parallel_size == 1:
             raise ValueError("shift_parallel needs sequence_parallel_size > 1: Shift switches between SP and TP over those ranks")
         if self.attention_backend not in ("auto", "torch", "triton"):

@@ -223,6 +223,8 @@ def test_unknown_llm_argument(folder, llm, expected):
         (dict(num_gpu_blocks_override=3, block_size=16), r"KV cache holds 48 tokens .* fewer than max_model_len \(64\)"),
         (dict(enable_chunked_prefill=False, max_num_batched_tokens=32), r"without chunked prefill max_num_batched_tokens \(32\)"),
         (dict(max_num_seqs=0), "max_num_seqs must be >= 1"),
+        (dict(fused_allreduce_norm="yes"), "fused_allreduce_norm must be auto, on or off"),
+        (dict(fused_allreduce_norm="on", pipeline_parallel_size=2), r"fused_allreduce_norm='on' needs pipeline_parallel_size 1"),
     ],
 )
 def test_bad_engine_config(folder, llm, expected, kwargs, match):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import plait.kernels.fused as fused
+from plait.kernels.allreduce_norm import owned_rows, reduce_add_rms_norm_
 from plait.layers.norm import RMSNorm
 from plait.layers.rotary import RotaryEmbedding
 from transformers import LlamaConfig
@@ -62,3 +64,26 @@ def test_rope_store_kv_rotates_q_and_writes_the_rotated_k_and_v_into_the_cache()
     torch.testing.assert_close(flat_k[slots], ref_k, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(flat_v[slots], v)
     assert flat_k.abs().sum() == flat_k[slots].abs().sum()  # nothing written elsewhere
+
+
+@pytest.mark.parametrize("world,tokens", [(2, 7), (4, 7), (4, 2)])
+def test_all_reduce_add_rms_norm_over_peer_buffers(world, tokens):
+    """Every rank's partial sums in one process stand for the peers' symmetric buffers; ranks run one after the
+    other (the barriers' order). Each buffer must end with norm(sum + residual) on every row, and each rank's
+    residual with the sum on the rows it owns."""
+    g = torch.Generator().manual_seed(world)
+    parts = [torch.randn(tokens, 72, generator=g) for _ in range(world)]
+    residual = torch.randn(tokens, 72, generator=g)
+    norm = RMSNorm(72, 1e-6)
+    norm.weight.data = torch.rand(72, generator=g) + 0.5
+    ref_out, ref_res = norm(sum(parts), residual.clone())
+    buffers = [p.clone().to(DEVICE) for p in parts]
+    residuals = [residual.clone().to(DEVICE) for _ in range(world)]
+    for rank in range(world):
+        rows = owned_rows(tokens, world, rank)
+        reduce_add_rms_norm_(buffers, residuals[rank], norm.weight.to(DEVICE), 1e-6, rows, num_blocks=2)
+        torch.testing.assert_close(residuals[rank][slice(*rows)].cpu(), ref_res[slice(*rows)], atol=1e-5, rtol=1e-5)
+    for buf in buffers:
+        assert torch.equal(buf, buffers[0])  # bit-identical on every rank: each row was written by one rank
+    torch.testing.assert_close(buffers[0].cpu(), ref_out, atol=1e-5, rtol=1e-5)
+    assert [owned_rows(tokens, world, r) for r in range(world)][-1][1] == tokens

@@ -42,6 +42,15 @@ def test_tp_matches_single_rank(checkpoints, family, tp):
     assert_same(run(folder, tp, prompts), run(folder, 1, prompts))
 
 
+@pytest.mark.parametrize("family,tp", [("llama", 2), ("qwen2", 3)])
+def test_all_reduce_left_to_the_norm_matches_single_rank(checkpoints, family, tp):
+    """--fused-allreduce-norm on: row-parallel layers skip their all-reduce and the next norm does it (on CPU the
+    gloo path of the same layer code: all-reduce, then add + norm)."""
+    folder, _ = checkpoints[family]
+    prompts = random_prompts(4, seed=10 + tp)
+    assert_same(run(folder, tp, prompts, fused_allreduce_norm="on"), run(folder, 1, prompts))
+
+
 @pytest.mark.slow
 def test_smollm2_tp2_matches_single_rank():
     prompts = [[1, 504, 3575, 282, 4649, 314], [1, 9690, 198, 2683, 359, 253, 5356]]

@@ -62,6 +62,8 @@ class Communicator:
         self.group, self.rank, self.size = group, rank, size
         self.recorder: CommRecorder | None = None
         self.symm_buffer: torch.Tensor | None = None  # symmetric-memory staging buffer for small all-reduces
+        self.fused_norm = None  # SymmAllReduceNorm (plait.comm.fused_norm) once enabled
+        self.skip_all_reduce = False  # the communication-removed ablation (--skip-all-reduce): wrong sums, no traffic
         self._pending_sends: list = []
         self.parent: Communicator | None = None  # set by `split`: a sub-group records into its parent's recorder
 
@@ -108,10 +110,38 @@ class Communicator:
         self.symm_buffer = buf
         return True
 
+    def enable_fused_norm(self, max_tokens: int, hidden: int, dtype: torch.dtype, device: torch.device,
+                          forced: bool) -> bool:
+        """Set up the fused all-reduce + add + RMSNorm (plait.comm.fused_norm) for steps of up to `max_tokens`.
+        Returns False, leaving all_reduce + norm in charge, where symmetric memory is unavailable."""
+        from plait.comm.fused_norm import FusedNormTuning, SymmAllReduceNorm
+
+        if self.size == 1 or self.size & (self.size - 1):
+            return False
+        try:
+            self.fused_norm = SymmAllReduceNorm(self.group.group_name, self.rank, self.size, max_tokens, hidden, dtype,
+                                                device, FusedNormTuning.load(self.size, hidden), forced)
+        except (ImportError, RuntimeError):
+            return False
+        return True
+
+    def fuses_norm(self, num_tokens: int) -> bool:
+        return self.fused_norm is not None and not self.skip_all_reduce and self.fused_norm.takes(num_tokens)
+
+    def partial_sum_buffer(self, num_tokens: int) -> torch.Tensor | None:
+        """Where a row-parallel layer whose sum the next norm reduces should write, or None (anywhere)."""
+        return self.fused_norm.input(num_tokens) if self.fuses_norm(num_tokens) else None
+
+    def all_reduce_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+        """The fused op (only where `fuses_norm`): (rmsnorm(sum + residual), residual += sum on this rank's rows).
+        Recorded as the all-reduce it replaces, so the profiler's counts match the unfused path."""
+        with self._record("all_reduce", x):
+            return self.fused_norm(x, residual, weight, eps)
+
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over ranks; returns the sum (in x for NCCL and gloo). Small messages on GPU go through symmetric
         memory P2P (one-shot up to 256 KB, two-shot above), which beats NCCL below a few MB (../shared/DEVICE.md)."""
-        if self.size == 1:
+        if self.size == 1 or self.skip_all_reduce:
             return x
         with self._record("all_reduce", x):
             buf = self.symm_buffer
@@ -126,7 +156,10 @@ class Communicator:
             return x
 
     def time_all_reduce(self, numel: int, dtype: torch.dtype, device: torch.device, ops: int = 20) -> float:
-        """Seconds per all-reduce of `numel` elements, as decode runs them: captured `ops` at a time in a CUDA graph."""
+        """Seconds per all-reduce of `numel` elements, as decode runs them: captured `ops` at a time in a CUDA graph.
+        Zero under --skip-all-reduce: the ablation's all-reduces cost nothing."""
+        if self.skip_all_reduce:
+            return 0.0
         x = torch.ones(numel, dtype=dtype, device=device)
         if device.type != "cuda":
             import time

@@ -45,7 +45,7 @@ class ModelRunner:
         if cfg.sequence_parallel_size > 1:
             self.plan = SequenceParallel(ctx.tp, cfg.shift_threshold if cfg.shift_parallel else None)
         else:
-            self.plan = TensorParallel(ctx.tp)
+            self.plan = TensorParallel(ctx.tp, self._defers_reduce())
         self.model = self._load_model(src, max_model_len)
         self.max_model_len, self.max_num_batched_tokens = max_model_len, max_num_batched_tokens
         self.backend = cfg.resolved_attention_backend()
@@ -57,9 +57,24 @@ class ModelRunner:
             ok = self.comm.enable_symm_mem(_SYMM_MEM_BYTES // self.dtype.itemsize, self.dtype, self.device)
             if not ok and cfg.all_reduce_backend == "symm_mem":
                 raise ValueError("all_reduce_backend='symm_mem' was asked for but symmetric memory is unavailable here")
+        self.comm.skip_all_reduce = cfg.skip_all_reduce
+        if self.device.type == "cuda" and getattr(self.plan, "defer_reduce", False):
+            tokens = max(max_num_batched_tokens, cfg.max_num_seqs)  # prefill steps and decode graph buckets
+            ok = self.comm.enable_fused_norm(tokens, self.model_cfg.hidden_size, self.dtype, self.device,
+                                             forced=cfg.fused_allreduce_norm == "on")
+            if not ok and cfg.fused_allreduce_norm == "on":
+                raise ValueError("fused_allreduce_norm='on' was asked for but symmetric memory is unavailable here "
+                                 f"(or the group of {self.comm.size} ranks is not a power of two)")
         self.mirrors: dict[int, tuple[list[int], object, int]] = {}  # seq_id -> (tokens, params, prompt_len)
         # Profiling records every collective; a replayed graph runs no Python, so profiling runs eager.
         self.profiler = CommProfiler(ctx.rank, self.device, [ctx.tp, ctx.pipe], self.model) if cfg.profile_comm else None
+
+    def _defers_reduce(self) -> bool:
+        """Whether row-parallel sums are left to the next norm: asked for (on), or auto on GPU; only where the next
+        norm is on the same ranks (no pipeline boundary) and for the dense decoder (a track model combines instead)."""
+        mode, par = self.cfg.fused_allreduce_norm, self.cfg.parallel
+        wanted = mode == "on" or (mode == "auto" and self.device.type == "cuda")
+        return wanted and self.comm.size > 1 and par.pipeline_parallel_size == 1 and self.model_cfg.tracks is None
 
     def _load_model(self, src, max_model_len: int) -> torch.nn.Module:
         """Build the rank's shard directly on its device in its dtype, then fill it slice by slice."""

@@ -69,27 +69,39 @@ class ColumnParallelLinear(nn.Module):
 
 
 class RowParallelLinear(nn.Module):
-    """y = sum over ranks of x_r @ W[:, cols_r].T, then + b once: one all-reduce per call.
+    """y = sum over ranks of x_r @ W[:, cols_r].T, then + b once: one all-reduce per call, or none with `defer`,
+    where the norm that follows reduces (fused with the residual add and the norm).
 
     `shift`: (columns, group) of a tensor-parallel step under Shift parallelism, where the layer holds every
     column (sequence-parallel mode, no reduce) and a shifted step uses a view of its own columns and reduces.
     """
 
     def __init__(self, in_features: int, out_features: int, cols: tuple[int, int], comm: Communicator, bias: bool,
-                 shift: tuple[tuple[int, int], Communicator] | None = None, plan=None):
+                 shift: tuple[tuple[int, int], Communicator] | None = None, plan=None, defer: bool = False):
         super().__init__()
         self.in_features, self.out_features, self.cols, self.comm = in_features, out_features, cols, comm
-        self.shift, self.plan = shift, plan
+        self.shift, self.plan, self.defer = shift, plan, defer
         self.weight = nn.Parameter(torch.empty(out_features, cols[1] - cols[0]), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, local in] -> [T, out], summed over ranks
+        if self.defer:
+            return self._partial_sum(x)
         if self.shift is not None and self.plan.shifted:
             (a, b), comm = self.shift
             y = comm.all_reduce(nn.functional.linear(x, self.weight[:, a - self.cols[0] : b - self.cols[0]]))
         else:
             y = self.comm.all_reduce(nn.functional.linear(x, self.weight))
         return y if self.bias is None else y + self.bias
+
+    def _partial_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """`defer`: this rank's share of the sum, reduced by the norm after (plait.layers.norm.AllReduceRMSNorm);
+        written straight into the fused op's buffer when it takes this step. The bias is added once, by rank 0."""
+        out = self.comm.partial_sum_buffer(x.shape[0])
+        y = nn.functional.linear(x, self.weight) if out is None else torch.mm(x, self.weight.t(), out=out)
+        if self.bias is not None and self.comm.rank == 0:
+            y += self.bias
+        return y
 
     def expected_shape(self, name: str, kind: str) -> tuple[int, ...]:
         return (self.out_features, self.in_features) if kind == "weight" else (self.out_features,)

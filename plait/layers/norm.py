@@ -1,4 +1,5 @@
-"""RMSNorm, with the residual add folded in: the pre-norm decoder always adds then normalises."""
+"""RMSNorm, with the residual add folded in: the pre-norm decoder always adds then normalises; and the variant
+that also finishes the all-reduce of the row-parallel layer before it."""
 
 from __future__ import annotations
 
@@ -33,3 +34,21 @@ class RMSNorm(nn.Module):
 
     def expected_shape(self, name: str, kind: str) -> tuple[int, ...]:
         return tuple(self.weight.shape)
+
+
+class AllReduceRMSNorm(RMSNorm):
+    """RMSNorm of a sum still spread over the tensor-parallel ranks: the row-parallel layer before it skipped its
+    all-reduce (`RowParallelLinear(defer=True)`), so this norm reduces, adds the residual and normalises, in one
+    symmetric-memory kernel where the communicator has one for this many tokens (TokenWeave's fusion), else as
+    all-reduce then the add+norm. The first layer's norm gets the embedding, which is whole: it only normalises."""
+
+    def __init__(self, dim: int, eps: float, comm):
+        super().__init__(dim, eps)
+        self.comm = comm
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is None:
+            return super().forward(x)
+        if self.comm.fuses_norm(x.shape[0]):
+            return self.comm.all_reduce_rms_norm(x, residual, self.weight, self.eps)
+        return super().forward(self.comm.all_reduce(x), residual)

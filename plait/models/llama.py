@@ -51,9 +51,9 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, plan: TensorParallel, rope: RotaryEmbedding):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = plan.norm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, plan, rope)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = plan.norm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, plan)
 
     def forward(self, x, residual, positions, meta):
@@ -77,7 +77,7 @@ class LlamaForCausalLM(nn.Module):
         # Keyed by the checkpoint's layer index, so a pipeline stage can drop layers and still load by name.
         layers = range(cfg.num_layers) if layers is None else layers
         self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, plan, rope) for i in layers})
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = plan.norm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, plan)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight

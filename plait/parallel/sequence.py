@@ -19,6 +19,7 @@ from plait.comm.communicator import Communicator
 from plait.layers.activation import silu_mul
 from plait.layers.heads import HeadExchange
 from plait.layers.linear import ColumnParallelLinear, RowParallelLinear
+from plait.layers.norm import RMSNorm
 from plait.parallel.tensor import HeadShard, TensorParallel, gate_up_segments, qkv_segments, split_range
 
 
@@ -50,6 +51,9 @@ class SequenceParallel:
 
     def heads(self, H: int, KV: int) -> HeadShard:
         return self._tp[self.rank].heads(H, KV)
+
+    def norm(self, dim: int, eps: float) -> RMSNorm:
+        return RMSNorm(dim, eps)  # every row-parallel layer reduces its own sum (a shifted step's, or none)
 
     def qkv_proj(self, hidden: int, H: int, KV: int, D: int, bias: bool) -> ColumnParallelLinear:
         """Every rank's q|k|v rows, grouped by rank: the projection's output is already packed per destination."""

@@ -14,6 +14,7 @@ from plait.comm.communicator import Communicator
 from plait.layers.activation import silu_mul
 from plait.layers.heads import HeadExchange
 from plait.layers.linear import ColumnParallelLinear, RowParallelLinear, Segment
+from plait.layers.norm import AllReduceRMSNorm, RMSNorm
 
 
 def split_range(n: int, parts: int, index: int) -> tuple[int, int]:
@@ -53,8 +54,10 @@ class TensorParallel:
 
     shifted = False  # only a Shift plan ever runs a step in another mode
 
-    def __init__(self, comm: Communicator):
-        self.comm = comm
+    def __init__(self, comm: Communicator, defer_reduce: bool = False):
+        """`defer_reduce`: the row-parallel layers leave their sums to the norm that follows, which reduces, adds the
+        residual and normalises in one op (plait.comm.fused_norm on GPU; all-reduce then add+norm elsewhere)."""
+        self.comm, self.defer_reduce = comm, defer_reduce
 
     @property
     def rank(self) -> int:
@@ -75,6 +78,9 @@ class TensorParallel:
         group = num_heads // num_kv_heads
         return HeadShard(q_start, q_end, q_start // group, -(-q_end // group), group)
 
+    def norm(self, dim: int, eps: float) -> RMSNorm:
+        """A norm of the residual stream: the one after a row-parallel layer finishes its all-reduce when deferred."""
+        return AllReduceRMSNorm(dim, eps, self.comm) if self.defer_reduce else RMSNorm(dim, eps)
 
     def qkv_proj(self, hidden: int, H: int, KV: int, D: int, bias: bool) -> ColumnParallelLinear:
         return ColumnParallelLinear(hidden, qkv_segments(self.heads(H, KV), H, KV, D), bias)
@@ -85,7 +91,7 @@ class TensorParallel:
 
     def o_proj(self, H: int, KV: int, D: int, hidden: int, bias: bool) -> RowParallelLinear:
         h = self.heads(H, KV)
-        return RowParallelLinear(H * D, hidden, (h.q_start * D, h.q_end * D), self.comm, bias)
+        return RowParallelLinear(H * D, hidden, (h.q_start * D, h.q_end * D), self.comm, bias, defer=self.defer_reduce)
 
     def gate_up_proj(self, hidden: int, inter: int, bias: bool) -> ColumnParallelLinear:
         return ColumnParallelLinear(hidden, gate_up_segments(inter, *self.split(inter)), bias)
@@ -94,7 +100,7 @@ class TensorParallel:
         return silu_mul
 
     def down_proj(self, inter: int, hidden: int, bias: bool) -> RowParallelLinear:
-        return RowParallelLinear(inter, hidden, self.split(inter), self.comm, bias)
+        return RowParallelLinear(inter, hidden, self.split(inter), self.comm, bias, defer=self.defer_reduce)
 
 
 def qkv_segments(h: HeadShard, H: int, KV: int, D: int) -> list[Segment]:

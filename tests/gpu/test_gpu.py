@@ -83,7 +83,11 @@ def single_rank_fp32(checkpoint):
 
 
 MULTI_GPU = [
-    dict(tensor_parallel_size=2),
+    dict(tensor_parallel_size=2),  # auto: the fused all-reduce + norm where its table says it wins
+    dict(tensor_parallel_size=2, fused_allreduce_norm="off"),
+    dict(tensor_parallel_size=2, fused_allreduce_norm="on"),
+    pytest.param(dict(tensor_parallel_size=4, fused_allreduce_norm="on"),
+                 marks=pytest.mark.skipif(torch.cuda.device_count() < 4, reason="needs 4 GPUs")),
     dict(pipeline_parallel_size=2),
     dict(data_parallel_size=2),
     dict(sequence_parallel_size=2),
@@ -96,7 +100,8 @@ MULTI_GPU = [
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 @pytest.mark.parametrize("kw", MULTI_GPU, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
 def test_two_gpu_modes_match_single_rank(checkpoint, single_rank_fp32, kw):
-    """TP (symmetric-memory and NCCL all-reduce, in CUDA graphs), PP, DP, SP and Shift over 2 GPUs, fp32."""
+    """TP (symmetric-memory and NCCL all-reduce, fused into the norm or not, in CUDA graphs), PP, DP, SP and Shift
+    over 2 GPUs (and TP=4 with the fused op where 4 exist), fp32, against one GPU."""
     for a, b in zip(single_rank_fp32, _fp32_run(checkpoint[0], **kw)):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         la = torch.tensor([p[t].logprob for p, t in zip(a.outputs[0].logprobs, a.outputs[0].token_ids)])

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Issue 9 in one device call on nvidia-h200-x4 (sections in order inside a 560 s budget; one that would not fit is
+# skipped and named): the GPU tests of the fused all-reduce + norm, the kernel sweep at TP=2 and TP=4 (hidden 4096
+# and 8192; writes the tuning table), then Llama-3.1-8B shape (dummy weights, bf16) at TP=4: prefill of 8k and 2k
+# tokens and decode at batch 1 and 64 with the fusion off / on / communication removed (--skip-all-reduce).
+# Usage on the device: OUT=/some/dir bash benchmarks/gpu_fused_norm.sh
+set -u
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+OUT=${OUT:-benchmarks/results}
+BUDGET=${BUDGET:-560}
+mkdir -p "$OUT"
+RUNS=$(mktemp -d)  # one JSON per run, merged into fused_norm_e2e.json (at most 8 files come back)
+exec > >(tee -a "$OUT/fused_norm.log") 2>&1
+SKIPPED=""
+run() {  # run NAME LIMIT_S COMMAND...: under min(LIMIT_S, time left), or skipped when less than half of it is left
+  local name=$1 limit=$2 left=$((BUDGET - SECONDS)); shift 2
+  if [ "$left" -lt $((limit / 2)) ]; then echo "== $name: skipped ($left s left)"; SKIPPED="$SKIPPED $name"; return; fi
+  echo "== $name ($SECONDS s)"
+  timeout $((left < limit ? left : limit)) "$@"
+}
+
+run tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/gpu/test_fused_norm_gpu.py \
+  "tests/gpu/test_gpu.py::test_two_gpu_modes_match_single_rank" -k "tensor_parallel" 2>&1 | tail -4
+run kernel 150 python3 benchmarks/fused_norm.py --gpus 2,4 --output-json "$OUT/fused_norm_kernel.json" \
+  --table plait/comm/fused_norm_table.json | grep -v "^check"
+cp plait/comm/fused_norm_table.json "$OUT/" 2>/dev/null
+B="python3 -m plait.cli bench latency llama3-8b --dtype bfloat16 --device cuda --tp 4 --num-iters 3"
+PREFILL="--batch-size 1 --output-len 2 --max-num-seqs 1 --max-num-batched-tokens 8192"
+for len in 8192 2048; do
+  for mode in off on; do
+    run "prefill${len}_$mode" 60 $B $PREFILL --input-len $len --fused-allreduce-norm $mode \
+      --output-json "$RUNS/prefill${len}_$mode.json" | tail -1
+  done
+  run "prefill${len}_nocomm" 60 $B $PREFILL --input-len $len --fused-allreduce-norm off --skip-all-reduce \
+    --output-json "$RUNS/prefill${len}_nocomm.json" | tail -1
+done
+for bs in 1 64; do
+  for mode in off auto; do
+    run "decode_bs${bs}_$mode" 70 $B --batch-size $bs --input-len 512 --output-len 64 --max-num-seqs 64 \
+      --fused-allreduce-norm $mode --output-json "$RUNS/decode_bs${bs}_$mode.json" | tail -1
+  done
+done
+python3 - "$OUT" "$SKIPPED" "$RUNS" <<'PY'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+runs = {f.stem: json.loads(f.read_text()) for f in sorted(pathlib.Path(sys.argv[3]).glob("*.json"))}
+(out / "fused_norm_e2e.json").write_text(json.dumps({"runs": runs, "skipped": sys.argv[2].split()}, indent=1))
+for name, r in runs.items():
+    print(f"{name:22s} TTFT {r['ttft_ms']['median']:8.2f} ms  TPOT {r['tpot_ms']['median']:7.3f} ms")
+for n in ("8192", "2048"):
+    t = {m: runs.get(f"prefill{n}_{m}", {}).get("ttft_ms", {}).get("median") for m in ("off", "on", "nocomm")}
+    if t["off"] and t["on"]:
+        print(f"prefill {n}: off/on x{t['off'] / t['on']:.3f}" + (f", on vs no-comm x{t['on'] / t['nocomm']:.3f}" if t["nocomm"] else ""))
+print("skipped:", sys.argv[2] or "none")
+PY
