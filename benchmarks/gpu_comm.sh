@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Issue 6's validation in one device call (nvidia-h200-x4, under 10 minutes): calibration, the TP=1/2/4, PP=2/4,
-# TP2xPP2 grid (batch 1, 8, 64 x prompt 128, 2048, 8192; Llama-3.1-8B shape, dummy weights, bf16), timed with decode
-# graphs and profiled, then the report. At most 8 files come back from $OUT: the JSON, the calibration, the log, the
-# report and its 3 plots. A run cut short keeps what it measured: run it again with RESUME=1 for the rest.
+# Issue 6's validation in one device call (nvidia-h200-x4, about 6.5 to 9 minutes): calibration (group sizes 2 and 4,
+# at most 90 s), then TP=1/2/4, PP=2/4 and TP2xPP2 over batch 1, 8, 32 x prompt 128, 2048, 8192 (at most 65536 prompt
+# tokens a point; Llama-3.1-8B shape, dummy weights, bf16), timed with decode graphs, then tp2, tp4 and tp2pp2
+# profiled, then the report. Every job gets a fair share of the 530 s budget and runs its cheapest points first.
+# At most 8 files come back from $OUT: the JSON, the calibration, the log, the report and its 3 plots. A run cut
+# short keeps what it measured: run it again with RESUME=1 for the points still missing.
 # Usage on the device: OUT=/some/dir bash benchmarks/gpu_comm.sh
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD

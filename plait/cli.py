@@ -196,8 +196,7 @@ def _profile(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     from plait.plan.calibrate import main as calibrate_main
 
-    calibrate_main(args)
-    return 0
+    return 0 if calibrate_main(args) is not None else 1
 
 
 def _plan(args: argparse.Namespace) -> int:

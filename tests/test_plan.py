@@ -215,6 +215,25 @@ def test_calibrate_on_cpu_writes_a_file_plan_reads(tmp_path, capsys):
     assert f"figures: measured: {path}" in capsys.readouterr().out
 
 
+def test_calibration_cut_short_keeps_what_it_measured(tmp_path, capsys):
+    """GPU runs measure only the engine's group sizes; a run cut short writes its figures and says what is missing;
+    one that measured nothing writes no file, so `plait plan` stays on its built-in figures."""
+    from plait.plan.calibrate import Measured, build, group_sizes
+
+    assert group_sizes(8, "cuda") == [2, 4, 8] and group_sizes(3, "cpu") == [2, 3]
+    rates = {"matmul_flops": 1e12, "gemv_bytes_s": 1e11, "copy_bytes_s": 1e11, "memory_bytes": 1 << 30}
+    got = Measured(rates, {curve_key("all_reduce", "gloo", "eager", 2): [(4096, 1e-4), (65536, 2e-4)]}, groups=1,
+                   problem="no answer within 5 s")
+    cal = build(got, "cpu", 4, str(tmp_path / "cal.json"))
+    assert cal.matmul_flops == 1e12 and "group sizes not measured: 3, 4" in " ".join(cal.notes)
+    assert cal.collective_time("all_reduce", 4096, 4, graph=False) > 1e-4  # 4 ranks: scaled from the 2 measured
+    with pytest.raises(RuntimeError, match="measured nothing"):
+        build(Measured(problem="rank 1 exited"), "cpu", 2, "x.json")
+    path = tmp_path / "none.json"
+    assert cli_main(["calibrate", "--device", "cpu", "--timeout", "0.1", "--output", str(path)]) == 1
+    assert not path.exists() and "no calibration written" in capsys.readouterr().out
+
+
 def test_validation_report_from_results_json(tmp_path, smollm2):
     """benchmarks/comm_report.py on a small results file whose 'measurements' are the model's own figures x 1.1."""
     import importlib.util

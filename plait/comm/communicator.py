@@ -219,18 +219,19 @@ class Communicator:
         return x
 
     def send(self, x: torch.Tensor, dst: int) -> None:
-        """Point-to-point to global rank `dst` (pipeline boundaries). Asynchronous, so a stage moves on to its next
-        micro-batch; the handle keeps the tensor alive until sent, and at most a few sends stay outstanding."""
+        """Point-to-point to global rank `dst` of this group (pipeline boundaries). Asynchronous, so a stage moves on
+        to its next micro-batch; the handle keeps the tensor alive until sent, and at most a few sends stay
+        outstanding. Within this group, as every other op: NCCL makes the pair's communicator under this group's."""
         with self._record("send", x, peer=dst):  # times the wait for an old send plus the enqueue, not the transfer
             while len(self._pending_sends) >= 4:
                 self._pending_sends.pop(0)[0].wait()
             x = x.contiguous()
-            self._pending_sends.append((dist.isend(x, dst), x))
+            self._pending_sends.append((dist.isend(x, dst, group=self.group), x))
 
     def recv(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, src: int) -> torch.Tensor:
         x = torch.empty(shape, dtype=dtype, device=device)
         with self._record("recv", x, peer=src):  # includes waiting for the stage before to send
-            dist.recv(x, src)
+            dist.recv(x, src, group=self.group)
         return x
 
     def barrier(self) -> None:

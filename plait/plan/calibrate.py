@@ -1,10 +1,18 @@
 """`plait calibrate`: measure this machine, fit the model's figures, and write the file `plait plan` reads.
 
 One process per rank (as ../shared/DEVICE.md advises: one `mp.Process` each, never `mp.spawn` plus a queue), every
-rank in one world group; for each group size g = 2 .. world, ranks 0 .. g-1 form a group and run the
-microbenchmarks (`microbench.GroupBench`) while the others wait at a barrier. Rank 0 also measures the matrix
-rate and bandwidths and sends everything back. The driver waits with a deadline, so a hung rank fails the run
-instead of hanging it. Optionally (`--engine-model`) the engine's own overheads are fitted too (`overheads.py`).
+rank in one world group. Rank 0 first measures the matrix rate and bandwidths; then, for each group size g, ranks
+0 .. g-1 form a group and run the microbenchmarks (`microbench.GroupBench`, send/recv on the 2-rank group) while
+the others wait at a barrier. On GPU only the sizes the engine runs are measured, powers of two (a 3-rank group
+hung the H200 run, and the engine never makes one); other sizes are scaled by `Calibration.curve`.
+
+Every rank makes the same collectives on the world group in the same order: each asks for every group, and the
+only world-group collectives are the barriers between group sizes (send/recv go through the pair's own group,
+not a lazily made communicator of the world group). Even so a rank can hang, so the whole run has a deadline:
+rank 0 sends each group size's figures as soon as they are measured, and when the deadline passes the driver
+kills the ranks and writes what arrived, with a note of what is missing (the model scales the nearest group
+size). Only when nothing was measured is no file written: `plait plan` then says it runs on built-in figures.
+Optionally (`--engine-model`) the engine's own overheads are fitted too (`overheads.py`).
 """
 
 from __future__ import annotations
@@ -14,12 +22,12 @@ import multiprocessing as mp
 import os
 import time
 import traceback
+from dataclasses import dataclass, field
 from datetime import timedelta
-from multiprocessing.connection import wait
+from multiprocessing.connection import Connection, wait
 
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from plait.comm.communicator import Communicator
 from plait.plan.calibration import Calibration, Curve, h200_defaults
@@ -31,21 +39,27 @@ CPU_SIZES = (4 * _KB, 64 * _KB, 1 * _MB)
 SYMM_NUMEL = (4 << 20) // 2  # bf16 elements of the symmetric-memory buffer (the runner's 4 MB)
 
 
-def _rank_main(cfg: BenchConfig, rank: int, conn) -> None:
-    """One rank: join the world, benchmark each group it belongs to, and (rank 0) answer with every figure."""
+def group_sizes(world: int, device: str) -> list[int]:
+    """The group sizes to measure: on GPU the engine's (powers of two up to the world), on CPU every size."""
+    return [g for g in range(2, world + 1) if device != "cuda" or not g & (g - 1)]
+
+
+def _rank_main(cfg: BenchConfig, rank: int, conn: Connection) -> None:
+    """One rank: join the world, benchmark each group it belongs to; rank 0 sends ("rates", ...), then
+    ("group", {"curves", "notes"}) per group size as it finishes, then ("done", None)."""
     try:
         if cfg.device == "cuda":
             torch.cuda.set_device(rank)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.world))
         dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{cfg.port}",
-                                rank=rank, world_size=cfg.world, timeout=timedelta(seconds=120))
-        out: dict[str, list[tuple[int, float]]] = {}
-        notes: list[str] = []
-        groups = range(2, cfg.world + 1)
-        bar = tqdm(groups, desc="Collectives by group size", disable=rank != 0)
-        for g in bar:
+                                rank=rank, world_size=cfg.world, timeout=timedelta(seconds=cfg.timeout_s))
+        if rank == 0:
+            conn.send(("rates", compute_rates(cfg.device)))
+        for g in group_sizes(cfg.world, cfg.device):
             group = dist.new_group(list(range(g)))  # every rank must ask for every group, in the same order
             if rank < g:
+                out: dict[str, list[tuple[int, float]]] = {}
+                notes: list[str] = []
                 comm = Communicator(group, rank, g)
                 symm = None
                 if cfg.device == "cuda":
@@ -55,20 +69,32 @@ def _rank_main(cfg: BenchConfig, rank: int, conn) -> None:
                 bench = GroupBench(comm, cfg, out, notes)
                 bench.run(symm)
                 if g == 2:
-                    bench.send_recv(cfg.sizes)
+                    bench.send_recv(cfg.sizes)  # over this group of ranks 0 and 1, which every rank created
+                if rank == 0:
+                    conn.send(("group", {"curves": out, "notes": notes}))
             dist.barrier()
-        rates = compute_rates(cfg.device) if rank == 0 else None
         if rank == 0:
-            conn.send(("ok", {"curves": out, "rates": rates, "notes": notes}))
+            conn.send(("done", None))
         dist.barrier()
         if cfg.device == "cpu":
             dist.destroy_process_group()
-    except BaseException:  # noqa: BLE001 - sent to the driver, which raises it
+    except BaseException:  # noqa: BLE001 - sent to the driver, which reports it
         conn.send(("error", f"rank {rank}:\n{traceback.format_exc()}"))
 
 
-def measure(cfg: BenchConfig, timeout_s: float) -> dict:
-    """Run the ranks; returns rank 0's {"curves", "rates"}. Raises RuntimeError with the failing rank's traceback."""
+@dataclass
+class Measured:
+    """What rank 0 sent before the run ended; `problem` says why it ended early (None: complete)."""
+
+    rates: dict[str, float] | None = None
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    groups: int = 0  # group sizes measured
+    problem: str | None = None
+
+
+def measure(cfg: BenchConfig, timeout_s: float) -> Measured:
+    """Run the ranks until rank 0 is done, a rank fails, or `timeout_s` passes; returns what arrived by then."""
     ctx = mp.get_context("spawn")
     pipes = [ctx.Pipe(duplex=False) for _ in range(cfg.world)]
     procs = [ctx.Process(target=_rank_main, args=(cfg, r, pipes[r][1]), daemon=True) for r in range(cfg.world)]
@@ -76,17 +102,31 @@ def measure(cfg: BenchConfig, timeout_s: float) -> dict:
         p.start()
     readers = [recv for recv, _ in pipes]
     deadline = time.monotonic() + timeout_s
+    got = Measured()
     try:
-        while time.monotonic() < deadline:
+        while got.problem is None:
+            if time.monotonic() > deadline:
+                got.problem = f"no answer within {timeout_s:.0f} s"
+                break
             for recv in wait(readers, timeout=1.0):
-                status, value = recv.recv()
-                if status == "error":
-                    raise RuntimeError(value)
-                return value  # only rank 0 answers "ok"
+                kind, value = recv.recv()
+                if kind == "rates":
+                    got.rates = value
+                elif kind == "group":
+                    got.groups += 1
+                    got.notes += value["notes"]
+                    for key, pts in value["curves"].items():
+                        got.curves.setdefault(key, []).extend(pts)
+                elif kind == "done":
+                    return got
+                else:
+                    got.problem = value
             dead = [r for r, p in enumerate(procs) if not p.is_alive() and not readers[r].poll()]
-            if dead:
-                raise RuntimeError(f"calibration rank {dead[0]} exited with code {procs[dead[0]].exitcode} without answering")
-        raise RuntimeError(f"calibration ranks gave no answer within {timeout_s:.0f} s")
+            if dead and got.problem is None:
+                got.problem = f"rank {dead[0]} exited with code {procs[dead[0]].exitcode} without answering"
+        for p in procs:  # a rank that failed or hung will not finish: the others would wait for it
+            p.kill()
+        return got
     finally:
         for p in procs:
             p.join(10)
@@ -94,20 +134,32 @@ def measure(cfg: BenchConfig, timeout_s: float) -> dict:
                 p.kill()
 
 
+_RATES = ("matmul_flops", "gemv_bytes_s", "copy_bytes_s", "memory_bytes")
 _OVERHEADS = ("host_step_s", "host_per_seq_s", "graph_layer_s", "eager_layer_s", "sync_per_collective_s")
 
 
-def build(result: dict, device: str, path: str) -> Calibration:
+def build(got: Measured, device: str, world: int, path: str) -> Calibration:
     """Curves from the measured points (alpha-beta fitted by `Curve`), rates from rank 0. The engine's overheads are
-    not measured here: on GPU they start as the built-in H200 figures, on CPU at zero, until --engine-model fits them."""
-    curves = {key: Curve([b for b, _ in pts], [s for _, s in pts]) for key, pts in sorted(result["curves"].items())}
+    not measured here: on GPU they start as the built-in H200 figures, on CPU at zero, until --engine-model fits them.
+    A run cut short keeps what it measured and says what it lacks; with nothing measured it raises."""
+    if got.rates is None and (device != "cuda" or not got.curves):
+        raise RuntimeError(f"calibration measured nothing: {got.problem}")
+    defaults = h200_defaults()
+    notes = [("engine overheads: built-in H200 figures" if device == "cuda" else "engine overheads: zero")
+             + " (fit them with --engine-model)"]
+    rates = got.rates
+    if rates is None:  # rank 0 measures them first, so only a GPU run that failed at once lacks them
+        rates = {k: getattr(defaults, k) for k in _RATES}
+        notes.append("matrix rate and bandwidths: built-in H200 figures (not measured)")
+    if got.problem is not None:
+        missing = ", ".join(str(g) for g in group_sizes(world, device)[got.groups:]) or "none"
+        notes.append(f"calibration cut short ({got.problem.strip().splitlines()[-1][:160]}); group sizes not "
+                     f"measured: {missing} (scaled from the nearest measured size)")
+    curves = {key: Curve([b for b, _ in pts], [s for _, s in pts]) for key, pts in sorted(got.curves.items())}
     name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
-    overheads = {k: getattr(h200_defaults(), k) for k in _OVERHEADS} if device == "cuda" else {}
-    note = ("engine overheads: built-in H200 figures" if device == "cuda" else "engine overheads: zero") + \
-        " (fit them with --engine-model)"
+    overheads = {k: getattr(defaults, k) for k in _OVERHEADS} if device == "cuda" else {}
     return Calibration(source=f"measured: {path}", device=device, device_name=name, curves=curves,
-                       symm_mem=any("/symm_" in k for k in curves), notes=[note, *result["notes"]], **result["rates"],
-                       **overheads)
+                       symm_mem=any("/symm_" in k for k in curves), notes=[*notes, *got.notes], **rates, **overheads)
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -120,11 +172,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="also fit the engine's overheads by running this model (dummy weights) at TP=1 and TP=world")
     parser.add_argument("--from", dest="from_file", default=None, metavar="FILE",
                         help="start from this calibration instead of measuring (with --engine-model: fit overheads only)")
-    parser.add_argument("--timeout", type=float, default=540.0, help="seconds before a hung rank fails the run")
+    parser.add_argument("--timeout", type=float, default=180.0,
+                        help="seconds for the whole measurement; a run cut short writes what it measured")
     parser.add_argument("--output", default="calibration.json")
 
 
-def main(args: argparse.Namespace) -> Calibration:
+def main(args: argparse.Namespace) -> Calibration | None:
+    """Measure (or load), optionally fit the overheads, write the file. None when nothing could be measured."""
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but torch sees no CUDA device")
@@ -139,8 +193,14 @@ def main(args: argparse.Namespace) -> Calibration:
     if args.from_file:
         calib = Calibration.load(args.from_file)
     else:
-        calib = build(measure(BenchConfig(device, world, tuple(sorted(sizes)), iters, free_port()), args.timeout),
-                      device, args.output)
+        got = measure(BenchConfig(device, world, tuple(sorted(sizes)), iters, free_port(), args.timeout), args.timeout)
+        try:
+            calib = build(got, device, world, args.output)
+        except RuntimeError as e:
+            print(f"{e}\nno calibration written: `plait plan` uses its built-in figures without one")
+            return None
+        if got.problem is not None:
+            print(f"calibration cut short, writing what was measured: {got.problem}")
     if args.engine_model:
         from plait.plan.overheads import fit_overheads
 

@@ -33,6 +33,7 @@ class BenchConfig:
     sizes: tuple[int, ...]  # message sizes in bytes
     iters: int
     port: int
+    timeout_s: float = 120.0  # the process group's: a collective waiting longer fails its rank
 
     @property
     def dtype(self) -> torch.dtype:
@@ -116,7 +117,8 @@ class GroupBench:
             self._add("all_to_all", self.impl, nbytes, lambda: dist.all_to_all_single(y, x, group=self.comm.group))
 
     def send_recv(self, sizes: tuple[int, ...]) -> None:
-        """One-way time between ranks 0 and 1 of the group: half a ping-pong (eager: sends are not captured)."""
+        """One-way time between ranks 0 and 1 of this (2-rank) group: half a ping-pong (eager: sends are not captured).
+        The Communicator sends within its own group, so no communicator of the world group is made for the pair."""
         peer = 1 - self.comm.rank
         for size in sizes:
             x = self._tensor(size)
