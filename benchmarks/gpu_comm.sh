@@ -11,6 +11,6 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -4
-timeout 575 python3 benchmarks/comm_validate.py --out-dir "$OUT" --budget-s 530 ${RESUME:+--resume} 2>&1 | tail -30
+timeout ${LIMIT:-575} python3 benchmarks/comm_validate.py --out-dir "$OUT" --budget-s ${BUDGET:-530} ${RESUME:+--resume} 2>&1 | tail -30
 python3 benchmarks/comm_report.py "$OUT/comm_validation.json" --out "$OUT" 2>&1 | tail -2
 grep -E "within|Right \(within|^[123]\. " "$OUT/comm_report.md"
