@@ -12,6 +12,7 @@ import typing
 from plait.bench.serve_args import add_bench_serve_args
 from plait.config import EngineConfig
 from plait.executor.executor import RankFailure
+from plait.executor.rendezvous import torchrun_placement
 from plait.sampling_params import SamplingParams
 from plait.server.config import ServerConfig
 
@@ -216,6 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if hasattr(args, "node_rank"):  # an engine command: under torchrun (one plait per machine) its variables place it
+            vars(args).update(torchrun_placement())
+        if getattr(args, "node_rank", 0):  # node k > 0 of a multi-machine run only hosts ranks; node 0 runs the command
+            from plait.executor.follower import run_follower
+
+            return run_follower(engine_config_from_args(args))
         return args.func(args)
     except ValueError as e:  # user errors: one clear line, no traceback
         print(f"plait: error: {e}", file=sys.stderr)

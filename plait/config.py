@@ -119,6 +119,49 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True)
+class NodeLayout:
+    """Where the ranks of one replica run: `nnodes` machines with `world / nnodes` ranks each, node k holding the
+    global ranks k * per_node .. (k + 1) * per_node - 1 (local rank = device index). Node 0 hosts the rendezvous
+    at master_addr:master_port and the driver (docs/architecture.md, "More than one machine")."""
+
+    world: int
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None
+    timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.nnodes < 1:
+            raise ValueError(f"nnodes must be >= 1, got {self.nnodes}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank must be in [0, {self.nnodes - 1}] for nnodes {self.nnodes}, got {self.node_rank}")
+        if self.world % self.nnodes:
+            raise ValueError(f"the world of {self.world} ranks (tp x pp x sp) does not divide over nnodes {self.nnodes}: "
+                             f"every node runs the same number of ranks")
+        if self.master_port is not None and not 0 < self.master_port < 65536:
+            raise ValueError(f"master_port must be in [1, 65535], got {self.master_port}")
+        if self.nnodes > 1 and self.master_port is None:
+            raise ValueError(f"nnodes {self.nnodes} needs --master-port: every node must meet node 0 on the same port")
+        if self.timeout_s <= 0:
+            raise ValueError(f"dist_timeout must be > 0 seconds, got {self.timeout_s}")
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.world // self.nnodes
+
+    def ranks_of(self, node: int) -> range:
+        return range(node * self.ranks_per_node, (node + 1) * self.ranks_per_node)
+
+    def node_of(self, rank: int) -> int:
+        return rank // self.ranks_per_node
+
+    def spans_nodes(self, group_size: int) -> bool:
+        """Whether aligned groups of `group_size` consecutive ranks (the tensor-parallel groups) cross a machine."""
+        return self.ranks_per_node % group_size != 0
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs besides the weights. Field names follow vLLM's EngineArgs."""
 
@@ -161,7 +204,15 @@ class EngineConfig:
     profile_comm: bool = _help("Record every collective (op, bytes, group, step, layer, time); runs eager "
                                "(docs/communication.md).", default=False)
     seed: int = _help("Seed for dummy weights and for requests without their own seed.", default=0)
-    master_port: int | None = _help("Port of the process-group rendezvous (default: a free one).", default=None)
+    nnodes: int = _help("Machines the ranks are spread over (as torchrun): each starts world / nnodes of them.",
+                        default=1)
+    node_rank: int = _help("This machine's index, 0 .. nnodes - 1; node 0 runs the scheduler (the driver), the others "
+                           "follow it.", default=0)
+    master_addr: str = _help("Address of node 0, where every rank meets (the rendezvous).", default="127.0.0.1")
+    master_port: int | None = _help("Port of the rendezvous on node 0 (default on one machine: a free one).",
+                                    default=None)
+    dist_timeout: float = _help("Seconds to wait for every node to join the rendezvous, and for a node to reach "
+                                "node 0, before failing.", default=300.0)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", *_DTYPES):
@@ -185,6 +236,18 @@ class EngineConfig:
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be auto, torch or triton; got {self.attention_backend!r}")
         self.parallel  # noqa: B018 - validates the degrees
+        self.nodes  # noqa: B018 - validates the placement over machines
+        if self.nnodes > 1 and self.data_parallel_size > 1:
+            raise ValueError(
+                f"data_parallel_size ({self.data_parallel_size}) with nnodes ({self.nnodes}) > 1 is not supported yet: "
+                f"the ranks of one replica (tp x pp x sp) are what spans the machines"
+            )
+        if self.all_reduce_backend == "symm_mem" and self.nodes.spans_nodes(self.tensor_parallel_size * self.sequence_parallel_size):
+            raise ValueError(
+                f"all_reduce_backend='symm_mem' needs each tensor-parallel group on one machine; with "
+                f"{self.nodes.ranks_per_node} ranks per node a group of {self.tensor_parallel_size * self.sequence_parallel_size} "
+                f"spans nodes: use nccl (or auto)"
+            )
         if self.async_scheduling and self.pipeline_parallel_size > 1:
             raise ValueError(
                 f"async_scheduling needs pipeline_parallel_size 1, got {self.pipeline_parallel_size}: with stages, "
@@ -208,6 +271,11 @@ class EngineConfig:
                 raise ValueError(f"pp_layer_partition must be comma-separated integers, got {self.pp_layer_partition!r}") from None
         return ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size, self.data_parallel_size, partition,
                               self.sequence_parallel_size)
+
+    @property
+    def nodes(self) -> NodeLayout:
+        return NodeLayout(self.parallel.replica_world_size, self.nnodes, self.node_rank, self.master_addr,
+                          self.master_port, self.dist_timeout)
 
     def resolved_device(self) -> str:
         if self.device == "auto":

@@ -123,13 +123,8 @@ def test_a_rank_that_dies_mid_run_fails_the_job_fast_naming_it(six_layers):
 
 
 def test_a_port_in_use_is_refused_with_its_number(six_layers):
-    import socket
+    from plait.executor.rendezvous import host_store
 
-    from plait.executor.executor import check_port_free
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen()
-        port = s.getsockname()[1]
-        with pytest.raises(ValueError, match=f"master_port {port} is already in use"):
-            check_port_free(port)
+    taken = host_store(None)  # another run's rendezvous
+    with pytest.raises(ValueError, match=f"master_port {taken.port} is already in use"):
+        host_store(taken.port)

@@ -53,7 +53,9 @@ class ModelRunner:
         last_stage = ctx.stage == ctx.num_stages - 1
         self.sampler = StepSampler(cfg, ctx, self.device, eos_token_ids, self.model, self.sampled) if last_stage else None
         self.graphs: DecodeGraphs | None = None
-        if self.device.type == "cuda" and self.comm.size > 1 and cfg.all_reduce_backend != "nccl":
+        # Symmetric memory is peer-to-peer inside one machine: a group that spans nodes stays on NCCL.
+        if (self.device.type == "cuda" and self.comm.size > 1 and cfg.all_reduce_backend != "nccl"
+                and not cfg.nodes.spans_nodes(self.comm.size)):
             ok = self.comm.enable_symm_mem(_SYMM_MEM_BYTES // self.dtype.itemsize, self.dtype, self.device)
             if not ok and cfg.all_reduce_backend == "symm_mem":
                 raise ValueError("all_reduce_backend='symm_mem' was asked for but symmetric memory is unavailable here")

@@ -4,7 +4,8 @@ With one rank the runner lives in the driver's process (no IPC, easy to debug). 
 spawned process. Commands are submitted to every rank and their replies collected later, in order, so several
 steps can be in flight (pipeline micro-batches, data-parallel replicas stepping together). Replies are awaited
 with a liveness check, so a rank that dies is reported by rank and cause within a second instead of leaving
-the others hanging in a collective.
+the others hanging in a collective. With several machines (--nnodes) the driver starts node 0's share of the
+ranks and reaches the others through node 0's store (nodes.py): the same commands, answers and liveness check.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import torch
 
 from plait.config import EngineConfig
 from plait.executor.commands import RankCommands, resolve
+from plait.executor.nodes import RemoteNodes, RemoteRank, admit
+from plait.executor.rendezvous import driver_store
 from plait.executor.worker import init_group, worker_main
 
 
@@ -33,14 +36,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def check_port_free(port: int) -> None:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            raise ValueError(f"master_port {port} is already in use on this machine: pick another (or leave it unset)") from None
-
-
 class LocalExecutor:
     """One rank, in the driver's own process: `submit` runs the command at once (a step is launched, its answer
     may still be on the device) and `collect` waits for the answer, so the next step can be launched first."""
@@ -50,7 +45,7 @@ class LocalExecutor:
     def __init__(self, cfg: EngineConfig, init_args: dict):
         from plait.engine.model_runner import ModelRunner
 
-        self.runner = ModelRunner(cfg, init_group(cfg, 0, 1, 0), **init_args)
+        self.runner = ModelRunner(cfg, init_group(cfg, 0, 1, None, 0), **init_args)
         self.commands = RankCommands(self.runner)
         self._done: deque = deque()
 
@@ -75,23 +70,29 @@ class LocalExecutor:
 
 
 class MultiprocExecutor:
-    """One spawned process per rank of a replica (TP x PP ranks), on GPUs device_offset, device_offset + 1, ..."""
+    """One spawned process per rank of a replica (TP x PP ranks), on GPUs device_offset, device_offset + 1, ...
+    With nnodes > 1, node 0's share of the ranks; the others run on their own machines (nodes.py)."""
 
     def __init__(self, cfg: EngineConfig, init_args: dict, device_offset: int = 0):
-        par = cfg.parallel
-        self.world = par.replica_world_size
-        if cfg.master_port:
-            check_port_free(cfg.master_port)
-        port = cfg.master_port or free_port()
+        layout = cfg.nodes
+        self.world = layout.world
+        self.store = driver_store(layout)  # the rendezvous; a store of its own closes with it, ending remote ranks
+        rendezvous = (layout.master_addr, self.store.port)
+        if layout.nnodes > 1:
+            admit(self.store, cfg, init_args)
         ctx = mp.get_context("spawn")
         self.conns, self.procs = [], []
-        for rank in range(self.world):
+        for rank in layout.ranks_of(0):
             parent, child = ctx.Pipe()
-            args = (cfg, rank, self.world, port, device_offset, init_args, child)
+            args = (cfg, rank, self.world, rendezvous, device_offset + rank, init_args, child)
             proc = ctx.Process(target=worker_main, args=args, daemon=True)
             proc.start()
             self.conns.append(parent)
             self.procs.append(proc)
+        self.remote = RemoteNodes(self.store, layout) if layout.nnodes > 1 else None
+        if self.remote is not None:
+            self.conns += self.remote.conns()
+            self.procs += self.remote.processes()
         self.in_flight = 0
         self._replies()
 
@@ -100,9 +101,7 @@ class MultiprocExecutor:
             try:
                 conn.send((cmd, arg))
             except OSError:  # its pipe is gone: the rank died
-                code = self.procs[rank].exitcode
-                self.shutdown()
-                raise RankFailure(f"rank {rank} exited with code {code} without answering") from None
+                raise self._lost(rank) from None
         self.in_flight += 1
 
     def collect(self) -> list:
@@ -123,15 +122,12 @@ class MultiprocExecutor:
             for rank in [r for r in pending if self.conns[r] in ready]:
                 status, value = self._recv(rank)
                 if status == "error":
-                    self.shutdown()
-                    raise RankFailure(f"rank {rank} failed:\n{value}")
+                    raise self._failed(rank, value)
                 out[rank] = value
                 pending.discard(rank)
             dead = [r for r in pending if not self.procs[r].is_alive() and not self.conns[r].poll()]
             if dead:
-                code = self.procs[dead[0]].exitcode
-                self.shutdown()
-                raise RankFailure(f"rank {dead[0]} exited with code {code} without answering")
+                raise self._lost(dead[0])
         return out
 
     def _recv(self, rank: int):
@@ -139,9 +135,25 @@ class MultiprocExecutor:
             return self.conns[rank].recv()
         except (EOFError, OSError):  # the pipe closed under us: the rank died
             self.procs[rank].join(timeout=2)
-            code = self.procs[rank].exitcode
-            self.shutdown()
-            raise RankFailure(f"rank {rank} exited with code {code} without answering") from None
+            raise self._lost(rank) from None
+
+    def _failed(self, rank: int, error: str) -> RankFailure:
+        """Stop every rank and report `rank`'s error, unless a peer is lost: a collective then fails on every rank
+        that takes part, and the lost peer is the cause worth naming."""
+        lost = [r for r, p in enumerate(self.procs) if r != rank and isinstance(p, mp.process.BaseProcess) and not p.is_alive()]
+        if not lost and self.remote is not None:
+            lost = self.remote.lost_ranks()
+        if lost:
+            return self._lost(lost[0], f"; then rank {rank} failed: {error.strip().splitlines()[-1]}")
+        self.shutdown()
+        return RankFailure(f"rank {rank} failed:\n{error}")
+
+    def _lost(self, rank: int, after: str = "") -> RankFailure:
+        """Stop every rank, and say how `rank` went: its exit code here, or what its node reported."""
+        proc = self.procs[rank]
+        how = proc.problem() if isinstance(proc, RemoteRank) else f"exited with code {proc.exitcode} without answering"
+        self.shutdown()
+        return RankFailure(f"rank {rank} {how}{after}")
 
     def shutdown(self) -> None:
         for conn, proc in zip(self.conns, self.procs):
@@ -155,11 +167,16 @@ class MultiprocExecutor:
             proc.join(max(0.0, deadline - time.monotonic()))
             if proc.is_alive():
                 proc.kill()
-        self.procs, self.conns = [], []
+        for conn in self.conns:
+            conn.close()
+        self.procs, self.conns, self.store, self.remote = [], [], None, None
 
 
 def make_executor(cfg: EngineConfig, init_args: dict, device_offset: int = 0, own_process: bool = False):
     """In-process for one rank (unless `own_process`: data-parallel replicas must run side by side)."""
+    if cfg.node_rank != 0:
+        raise ValueError(f"node_rank {cfg.node_rank} runs no engine, only its ranks: start it with the same `plait` "
+                         f"command as node 0 (or plait.executor.follower.run_follower(cfg))")
     if cfg.parallel.replica_world_size == 1 and not own_process:
         return LocalExecutor(cfg, init_args)
     return MultiprocExecutor(cfg, init_args, device_offset)

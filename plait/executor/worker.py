@@ -26,17 +26,20 @@ from plait.parallel.context import RankContext
 COLLECTIVE_TIMEOUT = timedelta(seconds=int(os.environ.get("PLAIT_COLLECTIVE_TIMEOUT", "300")))
 
 
-def init_group(cfg: EngineConfig, rank: int, world: int, port: int, device_offset: int = 0) -> RankContext:
-    """Join the replica's process group and build this rank's TP group (every rank creates every stage's group,
-    in the same order, as torch.distributed requires)."""
+def init_group(cfg: EngineConfig, rank: int, world: int, rendezvous: tuple[str, int] | None, device_index: int) -> RankContext:
+    """Join the replica's process group through node 0's store at `rendezvous` (address, port) and build this rank's
+    TP group (every rank creates every stage's group, in the same order, as torch.distributed requires). NCCL on
+    GPU, within and across machines; gloo on CPU."""
     cuda = cfg.resolved_device() == "cuda"
     if cuda:
-        torch.cuda.set_device((device_offset + rank) % torch.cuda.device_count())
+        torch.cuda.set_device(device_index % torch.cuda.device_count())
     if world == 1:
         return RankContext.single()
+    addr, port = rendezvous
+    store = dist.TCPStore(addr, port, is_master=False, timeout=COLLECTIVE_TIMEOUT)
     dist.init_process_group(
         "nccl" if cuda else "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
+        store=dist.PrefixStore("pg", store),
         rank=rank,
         world_size=world,
         timeout=COLLECTIVE_TIMEOUT,
@@ -84,12 +87,14 @@ class Replies:
                 os._exit(1)
 
 
-def worker_main(cfg: EngineConfig, rank: int, world: int, port: int, device_offset: int, init_args: dict, conn) -> None:
-    """Entry point of a spawned rank. Replies ("ok", value) or ("error", traceback) to each command."""
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+def worker_main(cfg: EngineConfig, rank: int, world: int, rendezvous: tuple[str, int], device_index: int,
+                init_args: dict, conn) -> None:
+    """Entry point of a spawned rank. Replies ("ok", value) or ("error", traceback) to each command. `conn` is a
+    Pipe end from the driver on this machine, or a `StoreChannel` to a driver on another one."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.nodes.ranks_per_node))
     replies = Replies(conn)
     try:
-        ctx = init_group(cfg, rank, world, port, device_offset)
+        ctx = init_group(cfg, rank, world, rendezvous, device_index)
         commands = RankCommands(ModelRunner(cfg, ctx, **init_args))
         replies.ok(None)
         while True:

@@ -1,0 +1,66 @@
+"""Node k > 0 of a multi-machine run: start this machine's ranks as followers of the driver on node 0, and watch them.
+
+The launcher process holds no model: it joins node 0's store, takes the driver's config from the handshake, spawns
+its ranks (global ranks k * per_node .., device index = local rank), whose commands and answers go through the store,
+then beats a heartbeat and watches them. It exits 0 once the driver has shut every rank down, and raises
+`RankFailure` when one of its ranks dies (after telling the driver which) or when node 0's store is gone (the driver
+exited or failed), stopping its ranks either way.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import sys
+import time
+
+import torch.distributed as dist
+
+from plait.config import EngineConfig
+from plait.executor.executor import RankFailure
+from plait.executor.nodes import HEARTBEAT_S, join, node_key
+from plait.executor.rendezvous import StoreChannel, connect_store
+from plait.executor.worker import worker_main
+
+
+def run_follower(cfg: EngineConfig) -> int:
+    layout = cfg.nodes
+    assert layout.node_rank > 0, "node 0 runs the driver, not a follower"
+    addr, port = layout.master_addr, layout.master_port
+    store = connect_store(addr, port, layout.timeout_s)
+    try:
+        driver_cfg, init_args = join(store, cfg)
+    except dist.DistNetworkError:
+        raise RankFailure(f"node 0's rendezvous at {addr}:{port} closed during the handshake: node 0 failed") from None
+    ranks = layout.ranks_of(layout.node_rank)
+    print(f"plait: node {layout.node_rank} of {layout.nnodes}: ranks {ranks.start}..{ranks.stop - 1} follow node 0 "
+          f"at {addr}:{port}", file=sys.stderr, flush=True)
+    ctx = mp.get_context("spawn")
+    procs = {}
+    for rank in ranks:
+        args = (driver_cfg, rank, layout.world, (addr, port), rank - ranks.start, init_args, StoreChannel(addr, port, rank))
+        procs[rank] = ctx.Process(target=worker_main, args=args, daemon=True)
+        procs[rank].start()
+    try:
+        return _watch(store, layout.node_rank, procs, f"{addr}:{port}")
+    finally:
+        for proc in procs.values():
+            if proc.is_alive():
+                proc.kill()
+
+
+def _watch(store: dist.Store, node: int, procs: dict[int, mp.Process], where: str) -> int:
+    """Beat, and watch the ranks: 0 when all ended cleanly and the driver still listens, else RankFailure."""
+    try:
+        while True:
+            store.add(node_key("beat", node), 1)
+            failed = [(rank, p.exitcode) for rank, p in procs.items() if p.exitcode not in (None, 0)]
+            if failed:
+                rank, code = failed[0]
+                store.set(node_key("failed", node), f"rank {rank} exited with code {code}")
+                raise RankFailure(f"rank {rank} (node {node}) exited with code {code}")
+            if all(p.exitcode == 0 for p in procs.values()):
+                store.set(node_key("done", node), "1")  # the driver waits for this before closing the store
+                return 0
+            time.sleep(HEARTBEAT_S)
+    except dist.DistError:  # the store went away with the driver's process
+        raise RankFailure(f"node {node} lost node 0's rendezvous at {where}: the driver exited or failed") from None
