@@ -2,7 +2,8 @@
 # Issue 9 in one device call on nvidia-h200-x4 (sections in order inside a 560 s budget; one that would not fit is
 # skipped and named): the GPU tests of the fused all-reduce + norm, the kernel sweep at TP=2 and TP=4 (hidden 4096
 # and 8192; writes the tuning table), then Llama-3.1-8B shape (dummy weights, bf16) at TP=4: prefill of 8k and 2k
-# tokens and decode at batch 1 and 64 with the fusion off / on / communication removed (--skip-all-reduce).
+# tokens and decode at batch 1 and 64 with the fusion off / on / on + token-split overlap / communication removed
+# (--skip-all-reduce).
 # Usage on the device: OUT=/some/dir bash benchmarks/gpu_fused_norm.sh
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -31,6 +32,8 @@ for len in 8192 2048; do
     run "prefill${len}_$mode" 60 $B $PREFILL --input-len $len --fused-allreduce-norm $mode \
       --output-json "$RUNS/prefill${len}_$mode.json" | tail -1
   done
+  run "prefill${len}_split" 60 $B $PREFILL --input-len $len --fused-allreduce-norm on --token-split-overlap \
+    --output-json "$RUNS/prefill${len}_split.json" | tail -1
   run "prefill${len}_nocomm" 60 $B $PREFILL --input-len $len --fused-allreduce-norm off --skip-all-reduce \
     --output-json "$RUNS/prefill${len}_nocomm.json" | tail -1
 done
@@ -48,8 +51,9 @@ runs = {f.stem: json.loads(f.read_text()) for f in sorted(pathlib.Path(sys.argv[
 for name, r in runs.items():
     print(f"{name:22s} TTFT {r['ttft_ms']['median']:8.2f} ms  TPOT {r['tpot_ms']['median']:7.3f} ms")
 for n in ("8192", "2048"):
-    t = {m: runs.get(f"prefill{n}_{m}", {}).get("ttft_ms", {}).get("median") for m in ("off", "on", "nocomm")}
-    if t["off"] and t["on"]:
-        print(f"prefill {n}: off/on x{t['off'] / t['on']:.3f}" + (f", on vs no-comm x{t['on'] / t['nocomm']:.3f}" if t["nocomm"] else ""))
+    t = {m: runs.get(f"prefill{n}_{m}", {}).get("ttft_ms", {}).get("median") for m in ("off", "on", "split", "nocomm")}
+    for m in ("on", "split"):
+        if t["off"] and t[m]:
+            print(f"prefill {n}: off/{m} x{t['off'] / t[m]:.3f}" + (f", {m} vs no-comm x{t[m] / t['nocomm']:.3f}" if t["nocomm"] else ""))
 print("skipped:", sys.argv[2] or "none")
 PY

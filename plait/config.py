@@ -192,6 +192,11 @@ class EngineConfig:
     fused_allreduce_norm: str = _help("auto | on | off: finish each row-parallel all-reduce inside the next RMSNorm, "
                                       "one symmetric-memory kernel on GPU (docs/fused_allreduce_norm.md); auto = on "
                                       "GPU for the step sizes where it was measured faster.", default="auto")
+    token_split_overlap: bool = _help("Split steps of at least --overlap-min-tokens in two and run one half's "
+                                      "all-reduce + norm under the other half's compute (TokenWeave). Off by "
+                                      "default until measured on the GPUs (docs/fused_allreduce_norm.md).",
+                                      default=False)
+    overlap_min_tokens: int = _help("Smallest step the token-split overlap splits.", default=1024)
     skip_all_reduce: bool = _help("Benchmarks only: every tensor-parallel all-reduce returns its input unreduced, "
                                   "so a step costs what it would without communication (wrong outputs).", default=False)
     enforce_eager: bool = _help("Never replay decode steps from CUDA graphs.", default=False)
@@ -225,12 +230,19 @@ class EngineConfig:
             raise ValueError(f"all_reduce_backend must be auto, nccl or symm_mem; got {self.all_reduce_backend!r}")
         if self.fused_allreduce_norm not in ("auto", "on", "off"):
             raise ValueError(f"fused_allreduce_norm must be auto, on or off; got {self.fused_allreduce_norm!r}")
-        if self.fused_allreduce_norm == "on" and (self.pipeline_parallel_size > 1 or self.sequence_parallel_size > 1):
+        forced = ("fused_allreduce_norm='on'" if self.fused_allreduce_norm == "on"
+                  else "token_split_overlap" if self.token_split_overlap else None)
+        if forced and (self.pipeline_parallel_size > 1 or self.sequence_parallel_size > 1):
             raise ValueError(
-                f"fused_allreduce_norm='on' needs pipeline_parallel_size 1 and sequence_parallel_size 1 (got "
+                f"{forced} needs pipeline_parallel_size 1 and sequence_parallel_size 1 (got "
                 f"{self.pipeline_parallel_size} and {self.sequence_parallel_size}): it fuses the tensor-parallel "
                 f"all-reduce into the next layer's norm, which a pipeline stage boundary or a sequence split separates"
             )
+        if self.token_split_overlap and self.fused_allreduce_norm == "off":
+            raise ValueError("token_split_overlap needs fused_allreduce_norm auto or on: the halves overlap at the "
+                             "norms that finish each all-reduce")
+        if self.overlap_min_tokens < 2:
+            raise ValueError(f"overlap_min_tokens must be >= 2 (a step is split in two), got {self.overlap_min_tokens}")
         if self.shift_parallel and self.sequence_parallel_size == 1:
             raise ValueError("shift_parallel needs sequence_parallel_size > 1: Shift switches between SP and TP over those ranks")
         if self.attention_backend not in ("auto", "torch", "triton"):

@@ -225,6 +225,8 @@ def test_unknown_llm_argument(folder, llm, expected):
         (dict(max_num_seqs=0), "max_num_seqs must be >= 1"),
         (dict(fused_allreduce_norm="yes"), "fused_allreduce_norm must be auto, on or off"),
         (dict(fused_allreduce_norm="on", pipeline_parallel_size=2), r"fused_allreduce_norm='on' needs pipeline_parallel_size 1"),
+        (dict(token_split_overlap=True, fused_allreduce_norm="off"), "token_split_overlap needs fused_allreduce_norm auto or on"),
+        (dict(token_split_overlap=True, overlap_min_tokens=1), r"overlap_min_tokens must be >= 2"),
     ],
 )
 def test_bad_engine_config(folder, llm, expected, kwargs, match):

@@ -42,13 +42,18 @@ def test_tp_matches_single_rank(checkpoints, family, tp):
     assert_same(run(folder, tp, prompts), run(folder, 1, prompts))
 
 
-@pytest.mark.parametrize("family,tp", [("llama", 2), ("qwen2", 3)])
-def test_all_reduce_left_to_the_norm_matches_single_rank(checkpoints, family, tp):
+OVERLAP = dict(token_split_overlap=True, overlap_min_tokens=4)
+
+
+@pytest.mark.parametrize("family,tp,kw", [("llama", 2, {}), ("qwen2", 3, {}), ("llama", 2, OVERLAP)],
+                         ids=["llama-tp2", "qwen2-tp3", "llama-tp2-split"])
+def test_all_reduce_left_to_the_norm_matches_single_rank(checkpoints, family, tp, kw):
     """--fused-allreduce-norm on: row-parallel layers skip their all-reduce and the next norm does it (on CPU the
-    gloo path of the same layer code: all-reduce, then add + norm)."""
+    gloo path of the same layer code: all-reduce, then add + norm). With the token-split overlap every step of 4
+    tokens or more runs as two halves interleaved seam by seam, prompts cut mid-way: the tokens must not change."""
     folder, _ = checkpoints[family]
     prompts = random_prompts(4, seed=10 + tp)
-    assert_same(run(folder, tp, prompts, fused_allreduce_norm="on"), run(folder, 1, prompts))
+    assert_same(run(folder, tp, prompts, fused_allreduce_norm="on", **kw), run(folder, 1, prompts))
 
 
 @pytest.mark.slow

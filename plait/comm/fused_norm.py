@@ -14,6 +14,7 @@ kept in `fused_norm_table.json` beside this file; without an entry, a guess is u
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
 from dataclasses import dataclass
@@ -60,6 +61,7 @@ class SymmAllReduceNorm:
         import torch.distributed._symmetric_memory as symm_mem
 
         self.rank, self.world, self.max_tokens, self.tuning, self.forced = rank, world, max_tokens, tuning, forced
+        self.offset = 0  # first buffer row of the current op: a split step gives each half its own rows
         buf = symm_mem.empty(max_tokens * hidden, dtype=dtype, device=device)
         self.handle = symm_mem.rendezvous(buf, group_name)
         self.local = buf.view(max_tokens, hidden)
@@ -67,20 +69,32 @@ class SymmAllReduceNorm:
                       for p in range(world)]
 
     def takes(self, num_tokens: int) -> bool:
-        return num_tokens <= self.max_tokens and (self.forced or self.tuning.wins_for(num_tokens))
+        return self.offset + num_tokens <= self.max_tokens and (self.forced or self.tuning.wins_for(num_tokens))
+
+    @contextlib.contextmanager
+    def region(self, offset: int):
+        """Ops issued inside use buffer rows from `offset` on, and fuse whatever their size: a split step's halves
+        (plait.engine.overlap) each have their own rows, and there the op runs under the other half's compute,
+        so its speed alone does not decide."""
+        saved = self.offset, self.forced
+        self.offset, self.forced = offset, True
+        try:
+            yield
+        finally:
+            self.offset, self.forced = saved
 
     def input(self, num_tokens: int) -> torch.Tensor:
         """Where the layer before writes its partial sums, so the op needs no copy in."""
-        return self.local[:num_tokens]
+        return self.local[self.offset : self.offset + num_tokens]
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
         """(rmsnorm(sum_r x_r + residual), residual + sum_r x_r); the residual is updated on this rank's rows only."""
-        T = x.shape[0]
-        mine = self.local[:T]
+        T, a = x.shape[0], self.offset
+        mine = self.local[a : a + T]
         if x.data_ptr() != mine.data_ptr():
             mine.copy_(x)
         self.handle.barrier(channel=0)
-        reduce_add_rms_norm_([p[:T] for p in self.peers], residual, weight, eps, owned_rows(T, self.world, self.rank),
-                             self.tuning.blocks_for(T))
+        reduce_add_rms_norm_([p[a : a + T] for p in self.peers], residual, weight, eps,
+                             owned_rows(T, self.world, self.rank), self.tuning.blocks_for(T))
         self.handle.barrier(channel=0)
         return mine, residual

@@ -18,6 +18,7 @@ from plait.comm.profiler import CommProfiler
 from plait.config import EngineConfig
 from plait.core import StepPlan
 from plait.engine.cuda_graph import DecodeGraphs, StepInputs
+from plait.engine.overlap import TokenSplitOverlap, split_inputs
 from plait.engine.sampled_tokens import SampledTokens
 from plait.engine.sampler import to_device
 from plait.engine.step_sampling import PendingResult, StepSampler
@@ -67,6 +68,8 @@ class ModelRunner:
             if not ok and cfg.fused_allreduce_norm == "on":
                 raise ValueError("fused_allreduce_norm='on' was asked for but symmetric memory is unavailable here "
                                  f"(or the group of {self.comm.size} ranks is not a power of two)")
+        self.overlap = (TokenSplitOverlap(self.comm, self.device, cfg.overlap_min_tokens)
+                        if cfg.token_split_overlap and getattr(self.plan, "defer_reduce", False) else None)
         self.mirrors: dict[int, tuple[list[int], object, int]] = {}  # seq_id -> (tokens, params, prompt_len)
         # Profiling records every collective; a replayed graph runs no Python, so profiling runs eager.
         self.profiler = CommProfiler(ctx.rank, self.device, [ctx.tp, ctx.pipe], self.model) if cfg.profile_comm else None
@@ -75,7 +78,7 @@ class ModelRunner:
         """Whether row-parallel sums are left to the next norm: asked for (on), or auto on GPU; only where the next
         norm is on the same ranks (no pipeline boundary) and for the dense decoder (a track model combines instead)."""
         mode, par = self.cfg.fused_allreduce_norm, self.cfg.parallel
-        wanted = mode == "on" or (mode == "auto" and self.device.type == "cuda")
+        wanted = mode == "on" or (mode == "auto" and (self.device.type == "cuda" or self.cfg.token_split_overlap))
         return wanted and self.comm.size > 1 and par.pipeline_parallel_size == 1 and self.model_cfg.tracks is None
 
     def _load_model(self, src, max_model_len: int) -> torch.nn.Module:
@@ -161,6 +164,9 @@ class ModelRunner:
         elif self._sp and not self.plan.shifted:
             hidden = self._sequence_parallel_forward(inputs)
             logits = self.model.compute_logits(hidden[rows]) if rows else None
+        elif self.overlap is not None and self.overlap.takes(len(inputs.ids)):
+            hidden = self._split_forward(inputs)
+            logits = self.model.compute_logits(hidden[rows]) if rows else None
         else:
             ids, positions, meta = self._prepare(inputs)
             hidden = self.model(ids, positions, meta)  # [T, hidden] on the last stage, None before it
@@ -187,6 +193,14 @@ class ModelRunner:
         local = len(x.ids) // size
         hidden = self.model(ids[rank * local : (rank + 1) * local], positions, meta)  # [T/S, hidden]
         return self.plan.sp.all_gather(hidden, [local] * size, dim=0)
+
+    def _split_forward(self, x: StepInputs) -> torch.Tensor:
+        """The step in two halves of its tokens, overlapped (plait.engine.overlap). -> [T, hidden]."""
+        k = len(x.ids) // 2
+        ids, positions = self._ids_positions(x)
+        halves = [(ids[a:b], positions[a:b], self._metadata(part))
+                  for (a, b), part in zip(((0, k), (k, len(x.ids))), split_inputs(x, k))]
+        return self.overlap.forward(self.model, halves)
 
     def _capture_graphs(self, num_blocks: int) -> None:
         """Decode graphs per batch bucket. Under Shift they capture the tensor-parallel mode, which every decode
@@ -233,10 +247,20 @@ class ModelRunner:
             x.query_lens.append(len(pos))
         return x
 
-    def _prepare(self, x: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        width = max(len(t) for t in x.tables)
+    def _as_tensor(self, values: list) -> torch.Tensor:
         # pinned and non-blocking: a pageable copy would wait for the GPU's previous step (async scheduling)
-        as_tensor = lambda v: to_device(v, self.device, torch.long)  # noqa: E731
+        return to_device(values, self.device, torch.long)
+
+    def _prepare(self, x: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        return *self._ids_positions(x), self._metadata(x)
+
+    def _ids_positions(self, x: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The flat token ids (last step's sampled tokens written over placeholders) and their positions."""
+        return self.sampled.fill(self._as_tensor(x.ids)), self._as_tensor(x.positions)
+
+    def _metadata(self, x: StepInputs) -> AttentionMetadata:
+        width = max(len(t) for t in x.tables)
+        as_tensor = self._as_tensor
         meta = AttentionMetadata(
             slot_mapping=as_tensor(x.slots),
             query_start=as_tensor([0, *itertools.accumulate(x.query_lens)]),
@@ -250,7 +274,7 @@ class ModelRunner:
             meta.fresh_query_start = [0, *itertools.accumulate(x.query_lens)]
         if self.backend == "torch":
             meta.prepare_reference(self.cfg.block_size)
-        return self.sampled.fill(as_tensor(x.ids)), as_tensor(x.positions), meta
+        return meta
 
     def _logit_rows(self, plan: StepPlan):
         """Which hidden rows need logits: each sampled sequence's last token, and prompt tokens whose

@@ -56,15 +56,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = plan.norm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, plan)
 
+    def seams(self) -> list[tuple[nn.Module, object]]:
+        """The block as (norm, body) pairs. Each norm also finishes the all-reduce of the body before it, so a seam
+        is where a step split in two can run one half's communication under the other half's compute."""
+        return [(self.input_layernorm, self.self_attn), (self.post_attention_layernorm, lambda x, positions, meta: self.mlp(x))]
+
     def forward(self, x, residual, positions, meta):
         """Pre-norm block; the residual stream is carried separately so each add fuses into the next norm."""
-        if residual is None:
-            x, residual = self.input_layernorm(x), x
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, positions, meta)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        for norm, body in self.seams():
+            x, residual = (norm(x), x) if residual is None else norm(x, residual)
+            x = body(x, positions, meta)
+        return x, residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -92,6 +94,10 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.layers.values():
             x, residual = layer(x, residual, positions, meta)
         return x, residual
+
+    def seams(self) -> list[tuple[nn.Module, object]]:
+        """Every layer's seams, then the final norm (no body): the order a split step issues them in."""
+        return [seam for layer in self.layers.values() for seam in layer.seams()] + [(self.norm, None)]
 
     def final_norm(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return self.norm(x, residual)[0]

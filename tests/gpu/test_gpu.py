@@ -86,6 +86,7 @@ MULTI_GPU = [
     dict(tensor_parallel_size=2),  # auto: the fused all-reduce + norm where its table says it wins
     dict(tensor_parallel_size=2, fused_allreduce_norm="off"),
     dict(tensor_parallel_size=2, fused_allreduce_norm="on"),
+    dict(tensor_parallel_size=2, token_split_overlap=True, overlap_min_tokens=16),  # prefills split in two, overlapped
     pytest.param(dict(tensor_parallel_size=4, fused_allreduce_norm="on"),
                  marks=pytest.mark.skipif(torch.cuda.device_count() < 4, reason="needs 4 GPUs")),
     dict(pipeline_parallel_size=2),
