@@ -12,12 +12,14 @@ not a lazily made communicator of the world group). Even so a rank can hang, so 
 rank 0 sends each group size's figures as soon as they are measured, and when the deadline passes the driver
 kills the ranks and writes what arrived, with a note of what is missing (the model scales the nearest group
 size). Only when nothing was measured is no file written: `plait plan` then says it runs on built-in figures.
-Optionally (`--engine-model`) the engine's own overheads are fitted too (`overheads.py`).
+Optionally (`--engine-model`) the engine's own overheads are fitted too (`overheads.py`); or, with no measuring,
+the engine's terms are fitted to a measured validation grid (`--fit-from`, `fit.py`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import os
 import time
@@ -31,6 +33,7 @@ import torch.distributed as dist
 
 from plait.comm.communicator import Communicator
 from plait.plan.calibration import Calibration, Curve, h200_defaults
+from plait.plan.fit import DEFAULT_CONFIGS, TERMS, fit_validation
 from plait.plan.microbench import BenchConfig, GroupBench, compute_rates
 
 _KB, _MB = 1024, 1024 * 1024
@@ -135,7 +138,7 @@ def measure(cfg: BenchConfig, timeout_s: float) -> Measured:
 
 
 _RATES = ("matmul_flops", "gemv_bytes_s", "copy_bytes_s", "memory_bytes")
-_OVERHEADS = ("host_step_s", "host_per_seq_s", "graph_layer_s", "eager_layer_s", "sync_per_collective_s")
+_OVERHEADS = tuple(TERMS)
 
 
 def build(got: Measured, device: str, world: int, path: str) -> Calibration:
@@ -157,9 +160,10 @@ def build(got: Measured, device: str, world: int, path: str) -> Calibration:
                      f"measured: {missing} (scaled from the nearest measured size)")
     curves = {key: Curve([b for b, _ in pts], [s for _, s in pts]) for key, pts in sorted(got.curves.items())}
     name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
+    sms = {"sm_count": torch.cuda.get_device_properties(0).multi_processor_count} if device == "cuda" else {}
     overheads = {k: getattr(defaults, k) for k in _OVERHEADS} if device == "cuda" else {}
     return Calibration(source=f"measured: {path}", device=device, device_name=name, curves=curves,
-                       symm_mem=any("/symm_" in k for k in curves), notes=[*notes, *got.notes], **rates, **overheads)
+                       symm_mem=any("/symm_" in k for k in curves), notes=[*notes, *got.notes], **rates, **overheads, **sms)
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -172,6 +176,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="also fit the engine's overheads by running this model (dummy weights) at TP=1 and TP=world")
     parser.add_argument("--from", dest="from_file", default=None, metavar="FILE",
                         help="start from this calibration instead of measuring (with --engine-model: fit overheads only)")
+    parser.add_argument("--fit-from", default=None, metavar="RESULTS",
+                        help="fit the engine's terms to a benchmarks/comm_validate.py comm_validation.json (starting "
+                             "from --from, default the calibration beside it); no measuring")
+    parser.add_argument("--fit-configs", default=",".join(DEFAULT_CONFIGS),
+                        help="with --fit-from: the configurations fitted (the rest are held out)")
     parser.add_argument("--timeout", type=float, default=180.0,
                         help="seconds for the whole measurement; a run cut short writes what it measured")
     parser.add_argument("--output", default="calibration.json")
@@ -179,6 +188,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> Calibration | None:
     """Measure (or load), optionally fit the overheads, write the file. None when nothing could be measured."""
+    if args.fit_from:
+        return _fit_from(args)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but torch sees no CUDA device")
@@ -207,9 +218,27 @@ def main(args: argparse.Namespace) -> Calibration | None:
         calib = fit_overheads(calib, args.engine_model, world)
     calib.save(args.output)
     print(f"calibration of {calib.device_name} ({world} ranks) written to {args.output}")
+    _print(calib)
+    return calib
+
+
+def _fit_from(args: argparse.Namespace) -> Calibration:
+    """--fit-from: the engine's terms fitted to a validation grid's timed points (`fit.fit_validation`)."""
+    with open(args.fit_from) as f:
+        data = json.load(f)
+    start = args.from_file or os.path.join(os.path.dirname(os.path.abspath(args.fit_from)), data.get("calibration") or "")
+    if not os.path.isfile(start):
+        raise ValueError(f"--fit-from needs a calibration to start from: give --from (no {start!r})")
+    calib = fit_validation(Calibration.load(start), data, tuple(c for c in args.fit_configs.split(",") if c))
+    calib.save(args.output)
+    print(f"calibration fitted to {args.fit_from} ({', '.join(calib.fit_configs)}) written to {args.output}\n  "
+          f"{calib.notes[-1]}")
+    return calib
+
+
+def _print(calib: Calibration) -> None:
     print(f"  matrix {calib.matmul_flops / 1e12:.2f} TFLOP/s, weight streaming {calib.gemv_bytes_s / 1e9:.1f} GB/s, "
           f"copy {calib.copy_bytes_s / 1e9:.1f} GB/s")
     for key, c in calib.curves.items():
         print(f"  {key:36s} {c.seconds[0] * 1e6:9.1f} us at {c.sizes[0]} B .. {c.seconds[-1] * 1e6:9.1f} us at {c.sizes[-1]} B"
               f"  (alpha {c.alpha * 1e6:.1f} us, beta {c.beta / 1e9:.2f} GB/s)")
-    return calib

@@ -74,19 +74,29 @@ class Calibration:
     gemv_bytes_s: float  # weight streaming at batch 1: bytes of weight read per second
     copy_bytes_s: float  # device-to-device copy, read + write
     attention_efficiency: float = 0.5  # share of the matrix rate prefill attention reaches (flash kernels: about half)
+    paged_attention_efficiency: float = 0.5  # the same for the paged Triton prefill kernel (steps with a cached prefix)
+    sm_count: int = 132  # streaming multiprocessors: the split-KV decode kernel sizes its splits by them
     curves: dict[str, Curve] = field(default_factory=dict)
     host_step_s: float = 0.0  # driver + IPC + sampling per step
     host_per_seq_s: float = 0.0  # and per scheduled sequence
     graph_layer_s: float = 0.0  # non-GEMM kernels (norms, rope, attention launch) per layer, replayed in a graph
     eager_layer_s: float = 0.0  # the CPU launch floor of one layer run eagerly
+    eager_seq_layer_s: float = 0.0  # and per sequence of an all-new-prompts step (attention loops over its prompts)
+    eager_collective_s: float = 0.0  # the CPU time to issue one collective eagerly (staging, symmetric-memory op)
+    decode_token_s: float = 0.0  # one split-KV decode program's time per context token it walks, per layer
     sync_per_collective_s: float = 0.0  # a collective inside a real step beyond its microbenchmark (ranks arrive apart)
+    fit_configs: list[str] = field(default_factory=list)  # validation configurations the engine terms were fitted on
     symm_mem: bool = True  # all-reduces up to 4 MB go through symmetric memory (the engine's default on GPU)
     notes: list[str] = field(default_factory=list)
 
     def curve(self, op: str, impl: str, mode: str, group: int) -> tuple[Curve, float, float, str]:
-        """The curve for (op, impl, mode, group): measured, or the nearest group size scaled by the ring model
-        (latency x (p-1), bandwidth term x (p-1)/p), or the other mode's. Returns (curve, alpha scale,
-        bandwidth-term scale, how it was found)."""
+        """The curve for (op, impl, mode, group): measured, or the nearest group size scaled, or the other mode's.
+        Returns (curve, alpha scale, bandwidth-term scale, how it was found).
+
+        Scaling a group size: the bandwidth term by the ring's (p-1)/p. The latency by (p-1) only over gloo (a
+        ring of TCP hops); GPUs behind an NVSwitch reach every peer in one hop, so latency stays flat: H200
+        all-reduce at 16 KB measures 6.6 -> 8.0 us (one-shot), 6.3 -> 7.2 us (two-shot), 21.5 -> 16.2 us (NCCL)
+        from 2 to 4 ranks (../shared/DEVICE.md). The ring's 3x put TP=4 decode 26% over the measured TPOT."""
         for m in (mode, "graph" if mode == "eager" else "eager"):
             key = curve_key(op, impl, m, group)
             if key in self.curves:
@@ -94,8 +104,9 @@ class Calibration:
             groups = sorted(int(k.rsplit("/", 1)[1]) for k in self.curves if k.startswith(f"{op}/{impl}/{m}/"))
             if groups:
                 g = min(groups, key=lambda x: (abs(x - group), -x))
-                a, key = (group - 1) / (g - 1), curve_key(op, impl, m, g)
-                return self.curves[key], a, a * g / group, f"{key} scaled to {group} ranks"
+                ring, key = (group - 1) / (g - 1), curve_key(op, impl, m, g)
+                alpha = ring if impl == "gloo" else 1.0
+                return self.curves[key], alpha, ring * g / group, f"{key} scaled to {group} ranks"
         have = ", ".join(sorted(self.curves)) or "none"
         raise ValueError(f"the calibration ({self.source}) has no curve for {op} over {impl}; it has: {have}")
 
@@ -156,7 +167,8 @@ def _us(values: list[float], note: str = "") -> Curve:
 
 
 def h200_defaults() -> Calibration:
-    """H200 figures from ../shared/DEVICE.md (all-reduce table, GEMM, copy, GEMV) and benchmarks/results (overheads).
+    """H200 figures from ../shared/DEVICE.md (all-reduce table, GEMM, copy, GEMV) and benchmarks/results/comm (the
+    engine's terms, as `plait calibrate --fit-from` fitted them to the tp1 and tp2 points there).
     All-gather and send/recv were not measured there: they are derived, and say so."""
     ar2 = [21.5, 11.8, 13.0, 18.5, 36.3, 76.0, 257]
     curves = {
@@ -181,9 +193,11 @@ def h200_defaults() -> Calibration:
     return Calibration(
         source="built-in defaults: H200 figures of ../shared/DEVICE.md", device="cuda", device_name="NVIDIA H200",
         memory_bytes=139 << 30, matmul_flops=0.85 * 779e12, gemv_bytes_s=3.68e12, copy_bytes_s=4.23e12,
-        attention_efficiency=0.9, curves=curves, host_step_s=150e-6, host_per_seq_s=12e-6, graph_layer_s=18e-6,
-        eager_layer_s=400e-6, sync_per_collective_s=17e-6,
+        attention_efficiency=0.9, curves=curves, host_step_s=1.04e-3, host_per_seq_s=27.7e-6, graph_layer_s=0.0,
+        eager_layer_s=877e-6, eager_seq_layer_s=76.5e-6, eager_collective_s=160e-6, decode_token_s=67.2e-9,
+        paged_attention_efficiency=0.117, sync_per_collective_s=12.3e-6, fit_configs=["tp1", "tp2"],
         notes=["matrix rate: the 8192^3 GEMM's 779 TFLOP/s at 85%, as model-shaped GEMMs ran in latency_tp1_bs64",
                "all-gather derived from all-reduce; send/recv assumed",
-               "overheads (host, per layer, per collective) fitted to benchmarks/results/latency_tp{1,2}_*.json"],
+               "engine terms: fitted to the tp1 and tp2 points of benchmarks/results/comm/comm_validation.json "
+               "(`plait calibrate --fit-from`)"],
     )

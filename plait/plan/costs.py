@@ -1,10 +1,19 @@
 """Time and memory of one rank: GEMMs and attention against the calibrated rates, collectives against their curves.
 
 A matmul [T, K] @ [K, N] costs the larger of its FLOPs at the matrix rate and its bytes (weight + activations) at
-the weight-streaming rate: decode (small T) reads weights, prefill (large T) computes. Attention reads each
-sequence's cached K/V once per layer and does 4 x heads x head_dim FLOPs per (query, key) pair; elementwise
-kernels stream their activations at copy bandwidth. The rest of a layer's kernels (launches, small kernels) cost
-a per-layer constant when replayed from a CUDA graph; launched eagerly, they are a floor the GPU work may hide.
+the weight-streaming rate: decode (small T) reads weights, prefill (large T) computes. Attention follows the kernel
+the model runner picks (`PagedAttention.forward`):
+- all-new prompts: PyTorch's flash kernel, 4 x heads x head_dim FLOPs per causal (query, key) pair;
+- any cached prefix (chunked prefill, decodes mixed with prompts): the paged Triton prefill kernel, which works in
+  tiles of `PREFILL_BLOCK` queries x `PREFILL_BLOCK` keys up to each tile's causal end, so a decode row mixed into
+  the step costs a whole tile of queries over its context; it reaches its own share of the matrix rate;
+- decode: the split-KV kernel, one program per (sequence, KV head, split); it reads the cache at copy bandwidth,
+  but each program walks its split token by token, so with few programs (small batch) the walk is the floor.
+Elementwise kernels stream their activations at copy bandwidth.
+
+Launch cost: replayed from a CUDA graph, the non-GEMM kernels cost a per-layer constant on the GPU. Eagerly, the
+CPU issues every kernel, a floor the GPU work may hide: per layer, per prompt of an all-new-prompts step (the
+flash path loops over prompts in Python), and per collective (staging, the symmetric-memory op).
 Memory follows the model runner's own sizing (`ModelRunner.num_kv_blocks`).
 """
 from __future__ import annotations
@@ -12,12 +21,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from plait.config import ModelConfig
+from plait.engine.cuda_graph import decode_splits, graph_buckets
 from plait.plan.calibration import Calibration
 from plait.plan.collectives import Collective, rank_collectives
 from plait.plan.shapes import Layout, RankShard, rank_shard
 from plait.plan.workload import StepShape
 
 ACTIVATION_SLACK_BYTES = 2 << 30  # ModelRunner._activation_bytes: graphs and cuBLAS workspace
+PREFILL_BLOCK = 64  # kernels.attention.paged_prefill's BLOCK_M and BLOCK_N on GPU
+RESIDENT_PER_SM = 2  # decode programs an SM runs at once (decode_splits sizes for about two per SM)
+MAX_CONTEXT = 1 << 20  # decode_splits' cap by max_model_len: above 2048 tokens it never binds
 
 
 def gemm_s(calib: Calibration, tokens: int, k: int, n: int, itemsize: int) -> float:
@@ -26,16 +39,50 @@ def gemm_s(calib: Calibration, tokens: int, k: int, n: int, itemsize: int) -> fl
     return max(flops / calib.matmul_flops, nbytes / calib.gemv_bytes_s)
 
 
-def layer_compute_s(m: ModelConfig, sh: RankShard, shape: StepShape, calib: Calibration, itemsize: int) -> float:
+def paged_prefill_pairs(chunks: tuple[tuple[int, int], ...]) -> int:
+    """(query, key) pairs the paged prefill kernel computes: each tile of PREFILL_BLOCK queries (padded) against
+    whole key blocks up to its causal end."""
+    b = PREFILL_BLOCK
+    pairs = 0
+    for start, n in chunks:
+        for tile in range(-(-n // b)):
+            end = min(start + n, start + (tile + 1) * b)
+            pairs += b * -(-end // b) * b
+    return pairs
+
+
+def decode_walk_s(calib: Calibration, sh: RankShard, shape: StepShape, graph: bool) -> float:
+    """The split-KV decode kernel's floor: programs in waves over the SMs, each walking its split of the longest
+    context. Graphs run the batch's bucket with the engine's split count; eager decode runs one split."""
+    batch = min((b for b in graph_buckets(shape.seqs) if b >= shape.seqs), default=shape.seqs) if graph else shape.seqs
+    splits = decode_splits(batch, sh.kv_heads, MAX_CONTEXT, calib.sm_count) if graph else 1
+    waves = -(-batch * sh.kv_heads * splits // (RESIDENT_PER_SM * calib.sm_count))
+    longest = max(s + n for s, n in shape.chunks)
+    return waves * -(-longest // splits) * calib.decode_token_s
+
+
+def attention_s(m: ModelConfig, sh: RankShard, shape: StepShape, calib: Calibration, itemsize: int, graph: bool) -> float:
+    """One layer's attention on this rank's heads, priced by the kernel that runs it (module doc)."""
+    kv_bytes = 2 * sh.kv_heads * m.head_dim * itemsize * shape.context_tokens
+    flops_per_pair = 4.0 * sh.q_heads * m.head_dim
+    if shape.fresh:
+        rate = calib.matmul_flops * calib.attention_efficiency
+        return max(flops_per_pair * shape.attention_pairs / rate, kv_bytes / calib.copy_bytes_s)
+    if all(n == 1 for _, n in shape.chunks):  # decode
+        return max(kv_bytes / calib.copy_bytes_s, decode_walk_s(calib, sh, shape, graph))
+    rate = calib.matmul_flops * calib.paged_attention_efficiency
+    return max(flops_per_pair * paged_prefill_pairs(shape.chunks) / rate, kv_bytes / calib.copy_bytes_s)
+
+
+def layer_compute_s(m: ModelConfig, sh: RankShard, shape: StepShape, calib: Calibration, itemsize: int,
+                    graph: bool) -> float:
     """One decoder layer's GEMMs and attention on this rank's shard (no collectives, no launch overhead)."""
     T, H, D = shape.tokens, m.hidden_size, m.head_dim
     t = gemm_s(calib, T, H, (sh.q_heads + 2 * sh.kv_heads) * D, itemsize)  # qkv_proj
     t += gemm_s(calib, T, sh.q_heads * D, H, itemsize)  # o_proj
     t += gemm_s(calib, T, H, 2 * sh.intermediate, itemsize)  # gate_up_proj
     t += gemm_s(calib, T, sh.intermediate, H, itemsize)  # down_proj
-    attn_flops = 4.0 * sh.q_heads * D * shape.attention_pairs
-    kv_bytes = 2 * sh.kv_heads * D * itemsize * shape.context_tokens
-    t += max(attn_flops / (calib.matmul_flops * calib.attention_efficiency), kv_bytes / calib.copy_bytes_s)
+    t += attention_s(m, sh, shape, calib, itemsize, graph)
     # Norms, residual adds, rotary and silu*mul read and write about 10 hidden and 3 intermediate values a token.
     return t + T * (10 * H + 3 * sh.intermediate) * itemsize / calib.copy_bytes_s
 
@@ -49,14 +96,21 @@ class StageTime:
     """One step on one pipeline stage (its slowest tensor rank)."""
 
     compute_s: float
-    comm_s: float  # collectives inside the stage (TP all-reduces and all-gather)
+    comm_s: float  # collectives inside the stage (TP all-reduces and all-gather), GPU time
     p2p_s: float  # receiving this stage's input from the stage before
-    overhead_s: float  # non-GEMM kernels in a graph; eagerly, the launch time the GPU work does not hide
+    overhead_s: float  # non-GEMM kernels replayed in a graph
+    cpu_s: float  # eager: the CPU's time to issue the step's kernels, from the plan's arrival (0 in a graph)
     collectives: list[Collective]
 
     @property
-    def total_s(self) -> float:
+    def gpu_s(self) -> float:
+        """The GPU's work once its input is there."""
         return self.compute_s + self.comm_s + self.p2p_s + self.overhead_s
+
+    @property
+    def total_s(self) -> float:
+        """The stage alone: its GPU work, or the CPU issuing it when that is slower."""
+        return max(self.gpu_s, self.cpu_s)
 
 
 def uses_graph(calib: Calibration, layout: Layout, shape: StepShape, max_num_seqs: int, enforce_eager: bool = False) -> bool:
@@ -65,13 +119,20 @@ def uses_graph(calib: Calibration, layout: Layout, shape: StepShape, max_num_seq
             and shape.seqs <= max_num_seqs and shape.logit_rows == shape.seqs)
 
 
+def eager_issue_s(calib: Calibration, layers: int, shape: StepShape, collectives: int) -> float:
+    """The CPU's time to issue one eager step's kernels (module doc): per layer, per prompt of an all-new-prompts
+    step, per collective."""
+    per_layer = calib.eager_layer_s + (calib.eager_seq_layer_s * shape.seqs if shape.fresh else 0.0)
+    return per_layer * layers + calib.eager_collective_s * collectives
+
+
 def stage_time(m: ModelConfig, layout: Layout, stage: int, shape: StepShape, calib: Calibration, itemsize: int,
                graph: bool) -> StageTime:
     best = None
     for tp_rank in range(layout.tp):
         rank = stage * layout.tp + tp_rank
         sh = rank_shard(m, layout, rank)
-        compute = len(sh.layers) * layer_compute_s(m, sh, shape, calib, itemsize)
+        compute = len(sh.layers) * layer_compute_s(m, sh, shape, calib, itemsize, graph)
         if sh.last:
             compute += head_compute_s(m, sh, shape, calib, itemsize)
         if best is None or compute > best[0]:
@@ -83,10 +144,8 @@ def stage_time(m: ModelConfig, layout: Layout, stage: int, shape: StepShape, cal
     # The two tensors of a boundary (hidden, residual) travel back to back: one message each.
     p2p = sum(calib.collective_time("send_recv", c.wire_bytes, 2, False) for c in coll if c.op == "recv")
     if graph:
-        overhead = calib.graph_layer_s * len(sh.layers)
-    else:  # eager: the CPU launches the kernels; time is lost where launching is slower than the GPU's work
-        overhead = max(0.0, calib.eager_layer_s * len(sh.layers) - compute)
-    return StageTime(compute, comm, p2p, overhead, coll)
+        return StageTime(compute, comm, p2p, calib.graph_layer_s * len(sh.layers), 0.0, coll)
+    return StageTime(compute, comm, p2p, 0.0, eager_issue_s(calib, len(sh.layers), shape, len(inside)), coll)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,9 @@ The batch becomes steps (`workload.fixed_batch_steps`); each step's time on each
 `costs.stage_time`; then the driver loop is replayed as `LLMEngine.step` runs it: submit a plan for every idle
 micro-batch, wait for the oldest, pay the host's per-step work, repeat. Each stage runs its plans in order, so
 a plan waits for its stage to be free: that is the pipeline bubble, (p - 1) / (m + p - 1) of a run of m
-micro-batches over p stages, here played out step by step. Data-parallel replicas run side by side on their
+micro-batches over p stages, here played out step by step. Eager steps also wait for the CPU: each stage's CPU
+issues its kernels from the moment the plan is submitted (all stages at once), so a stage finishes no sooner than
+its CPU does; that is how short eager pipeline steps run faster than one GPU's eager step. Data-parallel replicas run side by side on their
 share of the batch. TTFT, TPOT and throughput are measured on the replayed timeline the way
 `plait bench latency` measures the real one.
 """
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 
 from plait.config import ModelConfig
 from plait.plan.calibration import Calibration
-from plait.plan.collectives import rank_collectives
+from plait.plan.collectives import Collective, rank_collectives
 from plait.plan.costs import Memory, rank_memory, stage_time, uses_graph
 from plait.plan.shapes import Layout
 from plait.plan.workload import StepShape, fixed_batch_steps
@@ -103,7 +105,8 @@ class _Timeline:
 def _replay(m: ModelConfig, layout: Layout, mb_steps: list[list[StepShape]], calib: Calibration, lim: EngineLimits,
             output_len: int) -> _Timeline:
     """The engine loop on modeled times: one plan in flight per micro-batch; stages run plans first come first served."""
-    stage_free = [0.0] * layout.pp
+    stage_free = [0.0] * layout.pp  # when each stage's GPU finishes what it was given
+    cpu_free = [0.0] * layout.pp  # and its CPU, issuing eager steps
     nxt = [0] * len(mb_steps)
     flight: deque[tuple[int, StepShape, float, float]] = deque()
     t, firsts, first_sum, finish_sum = 0.0, 0, 0.0, 0.0
@@ -117,18 +120,21 @@ def _replay(m: ModelConfig, layout: Layout, mb_steps: list[list[StepShape]], cal
             shape = steps[nxt[j]]
             nxt[j] += 1
             graph = uses_graph(calib, layout, shape, lim.max_num_seqs, lim.enforce_eager)
-            arrive, comm, path = t, 0.0, 0.0
+            arrive, comm = t, 0.0
             ph = out.phases.setdefault(shape.phase, PhaseComm())
             ph.steps += 1
             for s in range(layout.pp):
+                # Every stage gets the plan at once: its CPU issues while earlier stages compute; its GPU starts
+                # when its input arrives, and finishes no sooner than its CPU has issued the last kernel.
                 st = stage_time(m, layout, s, shape, calib, lim.itemsize, graph)
-                arrive = stage_free[s] = max(arrive, stage_free[s]) + st.total_s
-                comm, path = comm + st.comm_s + st.p2p_s, path + st.total_s
+                issued = cpu_free[s] = max(t, cpu_free[s]) + st.cpu_s
+                arrive = stage_free[s] = max(max(arrive, stage_free[s]) + st.gpu_s, issued)
+                comm += st.comm_s + st.p2p_s
                 ph.collectives += len(st.collectives) / layout.pp
                 ph.bytes += sum(c.bytes for c in st.collectives) / layout.pp
             flight.append((j, shape, arrive, comm))
             ph.comm_s += comm
-            ph.step_s += path
+            ph.step_s += arrive - t
         if not flight:
             break
         _, shape, done, _ = flight.popleft()
@@ -175,6 +181,14 @@ def predict(m: ModelConfig, layout: Layout, batch: int, input_len: int, output_l
     )
 
 
+def profiled_collective_s(calib: Calibration, c: Collective, graph: bool) -> float:
+    """What the profiler's CUDA events around one collective measure. The GPU time of the collective; eagerly,
+    no less than the CPU's time to issue it: the events are enqueued before and after the issue, and a GPU that
+    waits for its CPU (short eager steps) runs each event as soon as it is enqueued."""
+    gpu = calib.collective_time(c.op, c.wire_bytes, c.group_size, graph) + calib.sync_per_collective_s
+    return gpu if graph else max(gpu, calib.eager_collective_s)
+
+
 def comm_totals(m: ModelConfig, layout: Layout, batch: int, input_len: int, output_len: int, calib: Calibration,
                 lim: EngineLimits = EngineLimits()) -> dict[str, dict[str, float]]:
     """Per op, per rank (mean over a replica's ranks) over the whole fixed-batch run: count, bytes and seconds, as
@@ -194,6 +208,5 @@ def comm_totals(m: ModelConfig, layout: Layout, batch: int, input_len: int, outp
                     if c.op in ("send", "recv"):
                         op["s"] += calib.collective_time("send_recv", c.wire_bytes, 2, False) / layout.replica
                     else:
-                        op["s"] += (calib.collective_time(c.op, c.wire_bytes, c.group_size, graph)
-                                    + calib.sync_per_collective_s) / layout.replica
+                        op["s"] += profiled_collective_s(calib, c, graph) / layout.replica
     return out

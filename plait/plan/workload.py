@@ -42,6 +42,11 @@ class StepShape:
         return sum(s + n for s, n in self.chunks)
 
     @property
+    def fresh(self) -> bool:
+        """Every sequence is a whole new prompt (no cached prefix): the model runner's flash-attention path."""
+        return all(s == 0 for s, _ in self.chunks)
+
+    @property
     def attention_pairs(self) -> int:
         """(query, key) pairs of causal attention over the step: sum of n * start + n (n + 1) / 2."""
         return sum(n * s + n * (n + 1) // 2 for s, n in self.chunks)
