@@ -9,8 +9,9 @@ exactly one rank, so the result is bit-identical on all ranks, and each row cros
 The residual is only updated on the rows a rank owns: the next fused op reads only those rows again, since the
 split depends only on the token count, which is fixed within a forward pass.
 
-Peers are passed as up to eight pointer arguments (`P0`..`P7`, the unused ones repeat `P0`) rather than a pointer
-table, so the same kernel runs under the Triton interpreter on CPU, where the test stands all peers in one process.
+Peers are passed as up to eight pointer arguments (`P0`..`P7`, the unused ones repeat `P0`); the loads and stores
+unroll at compile time for the group size (`WORLD`). This is the form checked on the H200s (bit-identical across
+ranks, equal inside a CUDA graph); under the Triton interpreter the CPU test stands all peers in one process.
 """
 
 from __future__ import annotations
