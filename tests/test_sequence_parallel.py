@@ -1,4 +1,4 @@
-"""Ulysses sequence parallelism and Shift (SP <-> TP per step, one KV cache) against the single-rank run."""
+"""Ulysses sequence parallelism, SP x TP and Shift (SP <-> TP per step, one KV cache) against the single-rank run."""
 
 from __future__ import annotations
 
