@@ -14,6 +14,7 @@ import itertools
 
 import torch
 
+from plait.comm.communicator import Communicator
 from plait.comm.profiler import CommProfiler
 from plait.config import EngineConfig
 from plait.core import StepPlan
@@ -73,7 +74,7 @@ class ModelRunner:
         comms = [ctx.tp, ctx.sp, ctx.stage_group, ctx.pipe]
         self.profiler = CommProfiler(ctx.rank, self.device, comms, self.model) if cfg.profile_comm else None
 
-    def _reducing_groups(self) -> list:
+    def _reducing_groups(self) -> list[Communicator]:
         """The groups whose all-reduces run every step: the TP group's (row-parallel sums, the embedding), and under
         Shift the whole stage's, over which a tensor-parallel step reduces. Both are consecutive ranks."""
         groups = [self.ctx.tp]
