@@ -82,7 +82,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """World = DP x PP x TP. Inside one replica, rank r is tensor rank r % tp of pipeline stage r // tp."""
+    """World = DP x PP x SP x TP. Inside one replica, rank r is tensor rank r % tp of pipeline stage r // tp; with
+    sequence parallelism (one stage) rank r = s * tp + t is tensor rank t of sequence rank s (plait.parallel.sequence)."""
 
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
@@ -94,11 +95,10 @@ class ParallelConfig:
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "sequence_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.sequence_parallel_size > 1 and (self.tensor_parallel_size > 1 or self.pipeline_parallel_size > 1):
+        if self.sequence_parallel_size > 1 and self.pipeline_parallel_size > 1:
             raise ValueError(
-                f"sequence_parallel_size ({self.sequence_parallel_size}) with tensor_parallel_size "
-                f"({self.tensor_parallel_size}) or pipeline_parallel_size ({self.pipeline_parallel_size}) > 1 is not "
-                f"supported yet: use --sp alone (with --shift for tensor-parallel steps over the same ranks)"
+                f"sequence_parallel_size ({self.sequence_parallel_size}) with pipeline_parallel_size "
+                f"({self.pipeline_parallel_size}) > 1 is not supported yet: use --sp with --tp (and --shift) on one stage"
             )
         if self.pp_layer_partition is not None and len(self.pp_layer_partition) != self.pipeline_parallel_size:
             raise ValueError(
@@ -115,7 +115,7 @@ class ParallelConfig:
         return self.replica_world_size * self.data_parallel_size
 
     def stage_of(self, rank: int) -> int:
-        return rank // self.tensor_parallel_size
+        return rank // (self.tensor_parallel_size * self.sequence_parallel_size)
 
 
 @dataclass(frozen=True)
@@ -174,9 +174,10 @@ class EngineConfig:
     pipeline_parallel_size: int = _help("Pipeline stages, each of tensor_parallel_size ranks.", default=1)
     data_parallel_size: int = _help("Independent replicas behind one front end (each TP x PP).", default=1)
     pp_layer_partition: str | None = _help("Layers per pipeline stage, comma-separated (default: even).", default=None)
-    sequence_parallel_size: int = _help("Ulysses sequence-parallel ranks: tokens split, heads exchanged.", default=1)
-    shift_parallel: bool = _help("Shift: steps of at most --shift-threshold tokens run tensor-parallel over the "
-                                 "sequence-parallel ranks (same KV cache).", default=False)
+    sequence_parallel_size: int = _help("Ulysses sequence-parallel ranks: tokens split, heads exchanged; times "
+                                        "tensor_parallel_size ranks in all (weights sharded by the TP part).", default=1)
+    shift_parallel: bool = _help("Shift: steps of at most --shift-threshold tokens run tensor-parallel over all "
+                                 "sp x tp ranks (same KV cache).", default=False)
     shift_threshold: int = _help("Scheduled tokens at or below which a Shift step runs tensor-parallel.", default=256)
     max_model_len: int | None = _help("Longest prompt + output, in tokens (default: the model's).", default=None)
     max_num_seqs: int = _help("Most sequences in one step.", default=64)
@@ -245,6 +246,13 @@ class EngineConfig:
             raise ValueError(f"overlap_min_tokens must be >= 2 (a step is split in two), got {self.overlap_min_tokens}")
         if self.shift_parallel and self.sequence_parallel_size == 1:
             raise ValueError("shift_parallel needs sequence_parallel_size > 1: Shift switches between SP and TP over those ranks")
+        if self.sampling_parallel and self.sequence_parallel_size > 1 and self.tensor_parallel_size > 1:
+            raise ValueError(
+                f"sampling_parallel with sequence_parallel_size ({self.sequence_parallel_size}) x tensor_parallel_size "
+                f"({self.tensor_parallel_size}) is not supported: the LM head splits the vocabulary over the "
+                f"{self.tensor_parallel_size} TP ranks, sampling would spread over all "
+                f"{self.sequence_parallel_size * self.tensor_parallel_size}; drop --sampling-parallel"
+            )
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be auto, torch or triton; got {self.attention_backend!r}")
         self.parallel  # noqa: B018 - validates the degrees

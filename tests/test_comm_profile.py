@@ -45,8 +45,7 @@ def profile(model: str | None, extra: list[str], out_dir) -> tuple:
 
 
 def assert_exact(trace, cfg, args, model_config) -> None:
-    par = cfg.parallel
-    layout = Layout(par.tensor_parallel_size, par.pipeline_parallel_size, par.data_parallel_size, par.pp_layer_partition)
+    layout = Layout.of(cfg)
     compared, bad = check_collectives(trace, model_config, layout, itemsize=4)
     assert compared == sum(len(rt.steps) for rt in trace.ranks) > 0
     assert not bad, "\n".join(map(str, bad))
@@ -100,6 +99,21 @@ def test_pp2_records_stage_sends_exactly(four_layers, tmp_path):
     assert_exact(trace, cfg, args, load_model_config(four_layers))
     sends = [r for r in trace.ranks[0].records if r.op == "send"]
     assert sends and all(r.peer == 1 and r.module == "PipelineStage" for r in sends)  # hidden and residual
+
+
+def test_sp2_tp2_with_shift_records_exactly_the_models_collectives(four_layers, tmp_path):
+    """SP=2 x TP=2 on 4 processes, Shift at 8 tokens: the prefill and mixed steps (32 tokens) run SP x TP (all-to-alls
+    in the SP pairs, all-reduces in the TP pairs, the final gather), the decode steps (3 tokens) TP over all 4."""
+    trace, args, cfg = profile(four_layers, ["--sp", "2", "--tp", "2", "--shift", "--shift-threshold", "8"], tmp_path)
+    assert len(trace.ranks) == 4
+    assert_exact(trace, cfg, args, load_model_config(four_layers))
+    rank1 = trace.ranks[1]  # sequence rank 0, tensor rank 1
+    groups = {(r.op, r.module.rsplit(".", 1)[-1], r.phase): r.group_ranks for r in rank1.records}
+    assert groups["all_to_all", "self_attn", "prefill"] == (1, 3)  # its SP group
+    assert groups["all_reduce", "o_proj", "prefill"] == (0, 1)  # its TP group
+    assert groups["all_gather", "", "prefill"] == (1, 3)  # the final hidden states, over the SP group
+    assert groups["all_reduce", "o_proj", "decode"] == (0, 1, 2, 3)  # shifted: TP over the whole stage
+    assert not any(r.op == "all_to_all" for r in rank1.records if r.phase == "decode")
 
 
 @pytest.mark.slow

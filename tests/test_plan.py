@@ -103,6 +103,29 @@ def test_collectives_of_a_step_are_exact(smollm2):
     assert ops == ["recv"] * 2 + ["all_reduce"] * 30 + ["all_gather"]
 
 
+def test_sequence_parallel_collectives(smollm2, llama8b):
+    """SmolLM2 (9 heads, 3 KV, head_dim 64) at SP=2: 5 tokens padded to 6, 3 per rank; rank 1 attends with heads 5..8
+    (KV heads 1, 2). No all-reduce: the weights are whole. The shard gather, and no LM-head gather."""
+    coll = rank_collectives(smollm2, Layout(sp=2), 1, tokens=5, logit_rows=2, itemsize=2)
+    assert [c.op for c in coll] == ["all_to_all"] * 60 + ["all_gather"]
+    qkv, out = coll[0], coll[1]
+    assert qkv.bytes == 3 * ((5 + 2 * 2) + (4 + 2 * 2)) * 64 * 2 and out.bytes == 6 * 4 * 64 * 2 and out.layer == 0
+    assert coll[-1].bytes == 3 * 576 * 2 and coll[-1].site == "sp_gather"
+    # SP=2 x TP=2 (rank 3: sequence rank 1, tensor rank 1): the TP pair reduces [2, 4096], the SP pair exchanges.
+    coll = rank_collectives(llama8b, Layout(2, sp=2), 3, tokens=4, logit_rows=4, itemsize=2)
+    per_layer = ["all_to_all", "all_to_all", "all_reduce", "all_reduce"]
+    assert [c.op for c in coll] == ["all_reduce"] + per_layer * 32 + ["all_gather", "all_gather"]
+    assert {c.group_size for c in coll if c.op == "all_reduce"} == {2} and coll[0].bytes == 2 * 4096 * 2
+    # Shift at 4 tokens: this step runs TP over all 4 ranks; the embedding and LM head stay on the TP pair.
+    shifted = rank_collectives(llama8b, Layout(2, sp=2, shift_threshold=4), 3, tokens=4, logit_rows=4, itemsize=2)
+    assert [(c.op, c.group_size) for c in shifted] == [("all_reduce", 2)] + [("all_reduce", 4)] * 64 + [("all_gather", 2)]
+    assert Layout(2, sp=2, shift_threshold=4).name == "TP2xSHIFT2"
+    with pytest.raises(ValueError, match=r"sequence_parallel_size \(4\) x tensor_parallel_size \(4\) = 16 ranks"):
+        Layout(4, sp=4).check(smollm2)
+    with pytest.raises(ValueError, match="cost model prices tp x pp x dp only"):
+        predict(smollm2, Layout(sp=2), 1, 16, 4, h200_defaults())
+
+
 def test_schedule_replay_chunks_prefill_and_counts_rows():
     steps = microbatch_steps(batch=3, input_len=20, output_len=4, budget=32, max_num_seqs=8, prompt_logprobs=True)
     assert [s.chunks for s in steps[:2]] == [((0, 20), (0, 12)), ((20, 1), (12, 8), (0, 20))]

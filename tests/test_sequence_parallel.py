@@ -1,4 +1,4 @@
-"""Ulysses sequence parallelism and Shift (SP <-> TP per step, one KV cache) against the single-rank run."""
+"""Ulysses sequence parallelism, SP x TP and Shift (SP <-> TP per step, one KV cache) against the single-rank run."""
 
 from __future__ import annotations
 
@@ -25,6 +25,21 @@ def test_sequence_and_shift_parallel_match_single_rank(checkpoints, family, kw):
     folder, _ = checkpoints[family]
     prompts = random_prompts(5, seed=7)
     assert_same(run(folder, 1, prompts, **kw), run(folder, 1, prompts))
+
+
+@pytest.mark.parametrize(
+    "family,kw",
+    [
+        ("llama3", dict()),  # 8 query / 2 KV heads over 4 ranks: each KV head on two ranks of different TP shards
+        # 9 query / 3 KV heads split 3+2+2+2 (TP shards of 5 and 4 heads); prefills SP x TP, decodes TP over all 4
+        ("llama", dict(shift_parallel=True, shift_threshold=6)),
+    ],
+)
+def test_sequence_times_tensor_parallel_matches_single_rank(checkpoints, family, kw):
+    """SP=2 x TP=2 on 4 processes: tokens split over the SP pairs, weights over the TP pairs."""
+    folder, _ = checkpoints[family]
+    prompts = random_prompts(5, seed=8)
+    assert_same(run(folder, 2, prompts, sequence_parallel_size=2, **kw), run(folder, 1, prompts))
 
 
 def test_shift_with_requests_arriving_and_finishing_matches_solo_runs(checkpoints):
@@ -62,8 +77,15 @@ def test_smollm2_sequence_parallel_matches_single_rank():
     assert_same(run(None, 1, prompts, sequence_parallel_size=2), run(None, 1, prompts))
 
 
-def test_sequence_parallel_refusals():
+def test_sequence_parallel_refusals(checkpoints):
+    """Refused at start, before any rank is spawned, with the degrees and the heads in the message."""
+    folder, _ = checkpoints["llama"]  # 9 query / 3 KV heads
     with pytest.raises(ValueError, match="shift_parallel needs sequence_parallel_size > 1"):
-        LLM(shift_parallel=True)
-    with pytest.raises(ValueError, match=r"sequence_parallel_size \(2\) with tensor_parallel_size \(2\)"):
-        LLM(sequence_parallel_size=2, tensor_parallel_size=2)
+        LLM(folder, shift_parallel=True)
+    with pytest.raises(ValueError, match=r"sequence_parallel_size \(2\) with pipeline_parallel_size \(2\)"):
+        LLM(folder, sequence_parallel_size=2, pipeline_parallel_size=2)
+    with pytest.raises(ValueError, match=r"sequence_parallel_size \(2\) x tensor_parallel_size \(5\) = 10 ranks split "
+                                         r"the model's 9 attention heads \(3 KV heads\)"):
+        LLM(folder, sequence_parallel_size=2, tensor_parallel_size=5, device="cpu")
+    with pytest.raises(ValueError, match=r"sampling_parallel with sequence_parallel_size \(2\) x tensor_parallel_size"):
+        LLM(folder, sequence_parallel_size=2, tensor_parallel_size=2, sampling_parallel=True)

@@ -67,14 +67,13 @@ def run_batch(engine, batch: int, input_len: int, output_len: int, prompt_logpro
 
 def check(trace: CommTrace, engine, args) -> list[str]:
     """The model's predictions against the trace, as lines to print (empty problems list = exact)."""
-    par = engine.cfg.parallel
-    layout = Layout(par.tensor_parallel_size, par.pipeline_parallel_size, par.data_parallel_size, par.pp_layer_partition)
+    layout = Layout.of(engine.cfg)
     itemsize = torch.empty(0, dtype=engine.cfg.torch_dtype()).element_size()
     compared, bad = check_collectives(trace, engine.model_config, layout, itemsize)
     lines = [f"collectives: {compared - len(bad)}/{compared} rank-steps exactly as predicted"]
     lines += [f"  {b}" for b in bad[:5]]
     sched = engine.sched_config
-    share = -(-args.batch_size // par.data_parallel_size)  # replica 0's share of the batch
+    share = -(-args.batch_size // layout.dp)  # replica 0's share of the batch
     predicted = fixed_batch_steps(share, args.input_len, args.output_len, sched.max_num_batched_tokens,
                                   sched.max_num_seqs, layout.pp, args.prompt_logprobs is not None)
     missing, extra = check_schedule(trace, predicted)

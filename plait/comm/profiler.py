@@ -93,15 +93,20 @@ class CommProfiler:
         return e
 
     def _hook(self, model: nn.Module) -> None:
-        """Name every module that holds a communicator, so each record says which one issued it."""
+        """Name every module that holds a communicator, and its parent, so each record says which one issued it.
+        The parent covers collectives called through a method rather than forward (the head exchange's all-to-alls,
+        labelled with the attention that calls them)."""
         def enter(label: str) -> None:
             self._modules.append(label)
 
         def leave() -> None:  # a forward hook that returned a value would replace the module's output
             self._modules.pop()
 
+        talking = {name for name, module in model.named_modules()
+                   if any(isinstance(v, Communicator) for v in vars(module).values())}
+        parents = {name.rpartition(".")[0] for name in talking if name}
         for name, module in model.named_modules():
-            if any(isinstance(v, Communicator) for v in vars(module).values()):
+            if name in talking or name in parents:
                 label = name or type(module).__name__
                 module.register_forward_pre_hook(lambda _m, _a, label=label: enter(label))
                 module.register_forward_hook(lambda _m, _a, _o: leave())

@@ -27,6 +27,7 @@ from plait.models.loader import load_hf_config, load_tokenizer, resolve_model
 from plait.models.registry import model_config_from_hf
 from plait.outputs import RequestOutput
 from plait.parallel.pipeline import check_pipeline
+from plait.parallel.sequence import check_sequence_parallel
 from plait.parallel.tensor import check_tensor_parallel
 from plait.parallel.track import check_track_parallel
 from plait.sampling_params import SamplingParams
@@ -55,11 +56,12 @@ class LLMEngine:
         self.model_name = src.name
         hf_config = load_hf_config(src)
         self.model_config = model_config_from_hf(hf_config)
-        heads_split = cfg.tensor_parallel_size * cfg.sequence_parallel_size  # attention heads are split over both
-        check_tensor_parallel(heads_split, self.model_config.num_heads, self.model_config.num_kv_heads)
-        check_track_parallel(cfg.parallel, self.model_config)
+        m = self.model_config
+        check_tensor_parallel(cfg.tensor_parallel_size, m.num_heads, m.num_kv_heads)
+        check_sequence_parallel(cfg.sequence_parallel_size, cfg.tensor_parallel_size, m.num_heads, m.num_kv_heads)
+        check_track_parallel(cfg.parallel, m)
         par = cfg.parallel
-        check_pipeline(self.model_config.num_layers, par.pipeline_parallel_size, par.pp_layer_partition)
+        check_pipeline(m.num_layers, par.pipeline_parallel_size, par.pp_layer_partition)
         self.sched_config = resolve_scheduler_config(cfg, self.model_config)
         self.tokenizer = load_tokenizer(src, cfg.tokenizer)
         self.eos_token_ids = eos = _eos_ids(hf_config, self.tokenizer)

@@ -1,7 +1,7 @@
 """One rank's half of a step: build the batch from the plan, run the model, and (on the sampler rank) sample.
 
 Every rank of a stage runs the same forward on its shard; the last stage's LM head gathers the full logits
-rows, and the rank that holds them (tensor rank 0 of the last stage) samples and answers with a `StepResult`,
+rows, and the rank that holds them (rank 0 of the last stage's group) samples and answers with a `StepResult`,
 or each rank samples a share when sampling is spread (plait.engine.step_sampling). The answer stays on the
 device until the executor resolves it, so the next step can be launched first. Ranks keep a mirror of each
 live sequence's tokens so the plan carries only what is new; a PLACEHOLDER in a plan is filled on the device
@@ -14,6 +14,7 @@ import itertools
 
 import torch
 
+from plait.comm.communicator import Communicator
 from plait.comm.profiler import CommProfiler
 from plait.config import EngineConfig
 from plait.core import StepPlan
@@ -44,7 +45,7 @@ class ModelRunner:
         self.model_cfg = model_config_from_hf(load_hf_config(src))
         self.dtype = cfg.torch_dtype(getattr(self.model_cfg.hf_config, "dtype", None))
         if cfg.sequence_parallel_size > 1:
-            self.plan = SequenceParallel(ctx.tp, cfg.shift_threshold if cfg.shift_parallel else None)
+            self.plan = SequenceParallel(ctx.sp, ctx.tp, ctx.stage_group, cfg.shift_threshold if cfg.shift_parallel else None)
         else:
             self.plan = TensorParallel(ctx.tp, self._defers_reduce())
         self.model = self._load_model(src, max_model_len)
@@ -54,13 +55,14 @@ class ModelRunner:
         last_stage = ctx.stage == ctx.num_stages - 1
         self.sampler = StepSampler(cfg, ctx, self.device, eos_token_ids, self.model, self.sampled) if last_stage else None
         self.graphs: DecodeGraphs | None = None
-        # Symmetric memory is peer-to-peer inside one machine: a group that spans nodes stays on NCCL.
-        if (self.device.type == "cuda" and self.comm.size > 1 and cfg.all_reduce_backend != "nccl"
-                and not cfg.nodes.spans_nodes(self.comm.size)):
-            ok = self.comm.enable_symm_mem(_SYMM_MEM_BYTES // self.dtype.itemsize, self.dtype, self.device)
-            if not ok and cfg.all_reduce_backend == "symm_mem":
-                raise ValueError("all_reduce_backend='symm_mem' was asked for but symmetric memory is unavailable here")
-        self.comm.skip_all_reduce = cfg.skip_all_reduce
+        for group in self._reducing_groups():
+            # Symmetric memory is peer-to-peer inside one machine: a group that spans nodes stays on NCCL.
+            if (self.device.type == "cuda" and group.size > 1 and cfg.all_reduce_backend != "nccl"
+                    and not cfg.nodes.spans_nodes(group.size)):
+                ok = group.enable_symm_mem(_SYMM_MEM_BYTES // self.dtype.itemsize, self.dtype, self.device)
+                if not ok and cfg.all_reduce_backend == "symm_mem":
+                    raise ValueError("all_reduce_backend='symm_mem' was asked for but symmetric memory is unavailable here")
+            group.skip_all_reduce = cfg.skip_all_reduce
         if self.device.type == "cuda" and getattr(self.plan, "defer_reduce", False):
             tokens = max(max_num_batched_tokens, cfg.max_num_seqs)  # prefill steps and decode graph buckets
             ok = self.comm.enable_fused_norm(tokens, self.model_cfg.hidden_size, self.dtype, self.device,
@@ -72,7 +74,16 @@ class ModelRunner:
                         if cfg.token_split_overlap and getattr(self.plan, "defer_reduce", False) else None)
         self.mirrors: dict[int, tuple[list[int], object, int]] = {}  # seq_id -> (tokens, params, prompt_len)
         # Profiling records every collective; a replayed graph runs no Python, so profiling runs eager.
-        self.profiler = CommProfiler(ctx.rank, self.device, [ctx.tp, ctx.pipe], self.model) if cfg.profile_comm else None
+        comms = [ctx.tp, ctx.sp, ctx.stage_group, ctx.pipe]
+        self.profiler = CommProfiler(ctx.rank, self.device, comms, self.model) if cfg.profile_comm else None
+
+    def _reducing_groups(self) -> list[Communicator]:
+        """The groups whose all-reduces run every step: the TP group's (row-parallel sums, the embedding), and under
+        Shift the whole stage's, over which a tensor-parallel step reduces. Both are consecutive ranks."""
+        groups = [self.ctx.tp]
+        if self._sp and self.plan.shift_threshold is not None:
+            groups.append(self.ctx.stage_group)
+        return groups
 
     def _defers_reduce(self) -> bool:
         """Whether row-parallel sums are left to the next norm: asked for (on), or auto on GPU; only where the next
@@ -104,8 +115,10 @@ class ModelRunner:
         return stage_layers(self.model_cfg.num_layers, par.pipeline_parallel_size, par.pp_layer_partition)[self.ctx.stage]
 
     def all_reduce_latency(self) -> float:
-        """Seconds per all-reduce of one token's hidden state, the message of a batch-1 decode step."""
-        return self.comm.time_all_reduce(self.model_cfg.hidden_size, self.dtype, self.device)
+        """Seconds per all-reduce of one token's hidden state, the message of a batch-1 decode step (over the whole
+        stage under Shift, whose decode steps run tensor-parallel there)."""
+        group = self._reducing_groups()[-1]
+        return group.time_all_reduce(self.model_cfg.hidden_size, self.dtype, self.device)
 
     def kv_bytes_per_block(self) -> int:
         attn = self.model.attention_layers()[0]

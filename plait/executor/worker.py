@@ -28,8 +28,8 @@ COLLECTIVE_TIMEOUT = timedelta(seconds=int(os.environ.get("PLAIT_COLLECTIVE_TIME
 
 def init_group(cfg: EngineConfig, rank: int, world: int, rendezvous: tuple[str, int] | None, device_index: int) -> RankContext:
     """Join the replica's process group through node 0's store at `rendezvous` (address, port) and build this rank's
-    TP group (every rank creates every stage's group, in the same order, as torch.distributed requires). NCCL on
-    GPU, within and across machines; gloo on CPU."""
+    TP group, and its SP group under sequence parallelism (every rank creates every group, in the same order, as
+    torch.distributed requires). NCCL on GPU, within and across machines; gloo on CPU."""
     cuda = cfg.resolved_device() == "cuda"
     if cuda:
         torch.cuda.set_device(device_index % torch.cuda.device_count())
@@ -47,6 +47,8 @@ def init_group(cfg: EngineConfig, rank: int, world: int, rendezvous: tuple[str, 
     par = cfg.parallel
     tp, pp = par.tensor_parallel_size, par.pipeline_parallel_size
     stage = rank // tp
+    if par.sequence_parallel_size > 1:  # one stage (ParallelConfig refuses sp with pp)
+        return RankContext.sequence_parallel(Communicator(dist.group.WORLD, rank, world), par.sequence_parallel_size, tp)
     if pp == 1:
         return RankContext(rank, Communicator(dist.group.WORLD, rank, world), None)
     groups = [dist.new_group(list(range(s * tp, (s + 1) * tp))) if tp > 1 else None for s in range(pp)]

@@ -1,17 +1,24 @@
-"""Ulysses sequence parallelism for inference, and Shift parallelism on top of it.
+"""Ulysses sequence parallelism for inference, alone or with tensor parallelism, and Shift parallelism on top.
 
-Sequence parallelism (SP) over S ranks: every rank holds the whole weights and a contiguous 1/S slice of the
-step's tokens (padded to a multiple of S). Around attention, one all-to-all sends each rank the q/k/v of the
-heads it attends with, for every token, and one sends the attention output back to the tokens' owners. The
-final hidden states are gathered, so the LM head and the sampler see the full batch.
+Sequence parallelism (SP) over S ranks, times tensor parallelism (TP) over T: S*T ranks, replica rank r = s*T + t
+(TP innermost, so a TP group is T consecutive ranks, on one machine where it can be). A TP group of S=1 is plain
+TP; T=1 is plain SP. Rank (s, t) holds TP shard t of the weights (replicated over the S ranks of its SP group)
+and a contiguous 1/S slice of the step's tokens (padded to a multiple of S). Around attention, one all-to-all
+within the SP group sends each rank the q/k/v of the heads it attends with, for every token, and one sends the
+attention output back to the tokens' owners; the row-parallel layers all-reduce their partial sums within the
+TP group. The final hidden states are gathered over the SP group, so the LM head and the sampler see every token.
 
-A rank attends with the same heads a tensor-parallel split over the same S ranks would give it, so the KV
-cache is laid out by heads identically in both modes. Shift uses that: a step with few tokens runs as tensor
-parallelism (`shifted`), each layer taking a view of its own rows or columns of the weights it already holds
-(the projections store rank groups contiguously for this), and one KV cache serves both modes.
+Heads and MLP columns are split S*T ways as a TP split over all ranks would split them, rank (s, t) taking part
+j = t*S + s (`SequenceGrid`). So TP shard t (parts t*S .. t*S + S-1) is a contiguous range of heads and columns,
+and the KV cache is laid out by heads exactly as a TP-mode step over all S*T ranks needs it. Shift uses that: a
+step with few tokens runs as tensor parallelism over the whole stage (`shifted`), each layer taking a view of
+its own part of the weights it already holds (the projections store the SP peers' parts contiguously for this),
+all-reducing over all S*T ranks; one KV cache serves both modes, nothing moves on a switch.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -20,16 +27,39 @@ from plait.layers.activation import silu_mul
 from plait.layers.heads import HeadExchange
 from plait.layers.linear import ColumnParallelLinear, RowParallelLinear
 from plait.layers.norm import RMSNorm
-from plait.parallel.tensor import HeadShard, TensorParallel, gate_up_segments, qkv_segments, split_range
+from plait.parallel.tensor import HeadShard, TensorParallel, gate_up_segments, qkv_segments
+
+
+@dataclass(frozen=True)
+class SequenceGrid:
+    """A rank's place in the S x T grid, and each of its SP peers' part of the S*T-way head and column split."""
+
+    sp_rank: int
+    sp_size: int
+    tp_rank: int
+    tp_size: int
+
+    @property
+    def part(self) -> int:
+        """This rank's part of the S*T-way split (its heads and its TP-mode columns)."""
+        return self.tp_rank * self.sp_size + self.sp_rank
+
+    def peers(self) -> list[TensorParallel]:
+        """The TP-mode plan of each rank of this SP group, in SP rank order: the parts of TP shard `tp_rank`."""
+        size = self.sp_size * self.tp_size
+        return [TensorParallel(_Position(self.tp_rank * self.sp_size + k, size)) for k in range(self.sp_size)]
 
 
 class SequenceParallel:
-    def __init__(self, comm: Communicator, shift_threshold: int | None = None):
-        """`shift_threshold`: steps of at most this many tokens run tensor-parallel (Shift); None = always SP."""
-        self.sp, self.shift_threshold = comm, shift_threshold
-        self.comm = Communicator.single()  # partial sums to reduce in SP mode: none, the weights are whole
+    def __init__(self, sp: Communicator, tp: Communicator, stage: Communicator, shift_threshold: int | None = None):
+        """sp: this rank's SP group (same weights, other tokens); tp: its TP group (same tokens, other weights), over
+        which SP-mode partial sums are reduced; stage: all S*T ranks, over which a shifted step reduces.
+        `shift_threshold`: steps of at most this many tokens run tensor-parallel (Shift); None = always SP."""
+        assert stage.size == sp.size * tp.size, f"a stage of {stage.size} ranks is not SP {sp.size} x TP {tp.size}"
+        self.sp, self.comm, self.stage, self.shift_threshold = sp, tp, stage, shift_threshold
         self.shifted = False
-        self._tp = [TensorParallel(_Position(j, comm.size)) for j in range(comm.size)]  # each rank's TP-mode view
+        self._shard = TensorParallel(tp)  # the TP group's split: embedding and LM head rows
+        self._tp = SequenceGrid(sp.rank, sp.size, tp.rank, tp.size).peers()  # each SP peer's TP-mode view
 
     @property
     def rank(self) -> int:
@@ -44,19 +74,20 @@ class SequenceParallel:
         self.shifted = self.shift_threshold is not None and num_tokens <= self.shift_threshold
 
     def split(self, n: int) -> tuple[int, int]:
-        return 0, n  # embedding and LM head: whole on every rank
+        """Embedding and LM head rows: vocab-parallel over the TP group, the same in both modes."""
+        return self._shard.split(n)
 
     def sizes(self, n: int) -> list[int]:
-        return [n]
+        return self._shard.sizes(n)
 
     def heads(self, H: int, KV: int) -> HeadShard:
         return self._tp[self.rank].heads(H, KV)
 
     def norm(self, dim: int, eps: float) -> RMSNorm:
-        return RMSNorm(dim, eps)  # every row-parallel layer reduces its own sum (a shifted step's, or none)
+        return RMSNorm(dim, eps)  # every row-parallel layer reduces its own sum, in either mode
 
     def qkv_proj(self, hidden: int, H: int, KV: int, D: int, bias: bool) -> ColumnParallelLinear:
-        """Every rank's q|k|v rows, grouped by rank: the projection's output is already packed per destination."""
+        """The SP peers' q|k|v rows, grouped by peer: the projection's output is already packed per destination."""
         groups = [qkv_segments(tp.heads(H, KV), H, KV, D) for tp in self._tp]
         return ColumnParallelLinear(hidden, [seg for g in groups for seg in g], bias, self._rows(groups), self)
 
@@ -65,18 +96,19 @@ class SequenceParallel:
         return HeadExchange(heads, self.rank, D, self.sp, self)
 
     def o_proj(self, H: int, KV: int, D: int, hidden: int, bias: bool) -> RowParallelLinear:
-        h = self.heads(H, KV)
-        return RowParallelLinear(H * D, hidden, (0, H * D), self.comm, bias, ((h.q_start * D, h.q_end * D), self.sp), self)
+        first, last, mine = (tp.heads(H, KV) for tp in (self._tp[0], self._tp[-1], self._tp[self.rank]))
+        shard, own = (first.q_start * D, last.q_end * D), (mine.q_start * D, mine.q_end * D)
+        return RowParallelLinear(H * D, hidden, shard, self.comm, bias, (own, self.stage), self)
 
     def gate_up_proj(self, hidden: int, inter: int, bias: bool) -> ColumnParallelLinear:
-        groups = [gate_up_segments(inter, *split_range(inter, self.size, j)) for j in range(self.size)]
+        groups = [gate_up_segments(inter, *tp.split(inter)) for tp in self._tp]
         return ColumnParallelLinear(hidden, [seg for g in groups for seg in g], bias, self._rows(groups), self)
 
     def activation(self, inter: int):
-        widths = [2 * (b - a) for a, b in (split_range(inter, self.size, j) for j in range(self.size))]
+        widths = [2 * (b - a) for a, b in (tp.split(inter) for tp in self._tp)]
 
         def grouped_silu_mul(x: torch.Tensor) -> torch.Tensor:
-            """x: [T, (gate|up) per rank group]; SP mode -> [T, inter] in natural order; shifted -> own group."""
+            """x: [T, (gate|up) per peer] -> [T, TP shard's columns] in natural order; shifted: own group only."""
             if self.shifted:
                 return silu_mul(x)
             return torch.cat([silu_mul(part) for part in x.split(widths, dim=1)], dim=1)
@@ -84,16 +116,28 @@ class SequenceParallel:
         return grouped_silu_mul
 
     def down_proj(self, inter: int, hidden: int, bias: bool) -> RowParallelLinear:
-        return RowParallelLinear(inter, hidden, (0, inter), self.comm, bias, (split_range(inter, self.size, self.rank), self.sp), self)
+        shard = (self._tp[0].split(inter)[0], self._tp[-1].split(inter)[1])
+        return RowParallelLinear(inter, hidden, shard, self.comm, bias, (self._tp[self.rank].split(inter), self.stage), self)
 
     def _rows(self, groups) -> tuple[int, int]:
-        """This rank's rows within a projection that stores every rank's group in rank order."""
+        """This rank's rows within a projection that stores every SP peer's group in SP rank order."""
         start = sum(seg.rows for g in groups[: self.rank] for seg in g)
         return start, start + sum(seg.rows for seg in groups[self.rank])
 
 
+def check_sequence_parallel(sp: int, tp: int, num_heads: int, num_kv_heads: int) -> None:
+    """Every rank of the S*T grid attends with at least one query head (uneven splits and KV-head replication work)."""
+    if sp * tp > num_heads:
+        raise ValueError(
+            f"sequence_parallel_size ({sp}) x tensor_parallel_size ({tp}) = {sp * tp} ranks split the model's "
+            f"{num_heads} attention heads ({num_kv_heads} KV heads): a rank would attend with no head. "
+            f"Use sp x tp <= {num_heads}."
+        )
+
+
+@dataclass(frozen=True)
 class _Position:
     """A rank's place in a group, for computing its tensor-parallel slices (no collective is called on it)."""
 
-    def __init__(self, rank: int, size: int):
-        self.rank, self.size = rank, size
+    rank: int
+    size: int

@@ -8,6 +8,13 @@ Where they come from (plait/layers, plait/parallel/pipeline.py):
   shard is padded to the largest.
 - pipeline (pp > 1): a stage receives the hidden state and the residual stream ([T, hidden] each) from the
   stage before and sends its own to the stage after: one send/recv pair per tensor per boundary.
+- sequence parallel (sp = S > 1, times tp = T; plait/parallel/sequence.py): the step's T tokens are padded to P, a
+  multiple of S, and a rank runs P/S of them. The embedding and the row-parallel linears all-reduce [P/S, hidden]
+  within the TP group (T > 1); each layer sends its packed q|k|v ([P/S, every SP peer's q + 2 kv heads x
+  head_dim]) and its attention output ([P, own heads x head_dim]) by all-to-all within the SP group; the final
+  hidden states are all-gathered over the SP group ([P/S, hidden] shard) before the LM head's TP all-gather.
+  A shifted step (Shift, T tokens <= threshold) runs as TP over all S*T ranks: no all-to-all and no gather, the
+  row-parallel layers all-reduce [T, hidden] over all S*T, the embedding and LM head still over the TP group.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from plait.config import ModelConfig
+from plait.parallel.sequence import SequenceGrid
 from plait.plan.shapes import Layout, rank_shard
 
 LOGITS_ITEMSIZE = 4  # the LM head gathers fp32 logits (ParallelLMHead)
@@ -22,10 +30,10 @@ LOGITS_ITEMSIZE = 4  # the LM head gathers fp32 logits (ParallelLMHead)
 
 @dataclass(frozen=True)
 class Collective:
-    op: str  # all_reduce | all_gather | send | recv
-    bytes: int  # this rank's buffer, as `CommRecord.bytes` counts it
+    op: str  # all_reduce | all_gather | all_to_all | send | recv
+    bytes: int  # this rank's buffer, as `CommRecord.bytes` counts it (all_to_all: what it sends)
     group_size: int
-    site: str  # embed | o_proj | down_proj | lm_head | stage_in | stage_out
+    site: str  # embed | qkv_exchange | out_exchange | o_proj | down_proj | sp_gather | lm_head | stage_in | stage_out
     layer: int | None = None
     peer: int | None = None  # send / recv: the other rank (within the replica)
     wire_bytes: int = 0  # what the cost model sizes: all-reduce buffer, padded all-gather output, message
@@ -38,6 +46,8 @@ class Collective:
 def rank_collectives(m: ModelConfig, layout: Layout, rank: int, tokens: int, logit_rows: int,
                      itemsize: int) -> list[Collective]:
     """In the order the rank runs them; rank counts within a replica."""
+    if layout.sp > 1:
+        return sequence_collectives(m, layout, rank, tokens, logit_rows, itemsize)
     sh = rank_shard(m, layout, rank)
     hidden = tokens * m.hidden_size * itemsize
     tp, out = layout.tp, []
@@ -53,6 +63,36 @@ def rank_collectives(m: ModelConfig, layout: Layout, rank: int, tokens: int, log
     if sh.last and tp > 1 and logit_rows > 0:
         shard, padded = (logit_rows * rows * LOGITS_ITEMSIZE for rows in (sh.vocab_rows, sh.vocab_rows_max))
         out.append(Collective("all_gather", shard, tp, "lm_head", wire_bytes=padded * tp))
+    return out
+
+
+def sequence_collectives(m: ModelConfig, layout: Layout, rank: int, tokens: int, logit_rows: int,
+                         itemsize: int) -> list[Collective]:
+    """rank_collectives under sequence parallelism (one stage of sp x tp ranks), SP-mode or shifted step."""
+    S, T = layout.sp, layout.tp
+    s, t = divmod(rank, T)
+    sh = rank_shard(m, layout, rank)
+    heads = [p.heads(m.num_heads, m.num_kv_heads) for p in SequenceGrid(s, S, t, T).peers()]
+    shifted = layout.shift_threshold is not None and tokens <= layout.shift_threshold
+    padded = tokens if shifted else -(-tokens // S) * S
+    rows = tokens if shifted else padded // S  # the tokens this rank runs through the layers
+    hidden = rows * m.hidden_size * itemsize
+    reduce_group = S * T if shifted else T  # the row-parallel layers' sums
+    out = [Collective("all_reduce", hidden, T, "embed", wire_bytes=hidden)] if T > 1 else []
+    for layer in sh.layers:
+        if not shifted:
+            qkv = rows * sum(h.num_q + 2 * h.num_kv for h in heads) * m.head_dim * itemsize
+            attn = padded * heads[s].num_q * m.head_dim * itemsize
+            out += [Collective("all_to_all", qkv, S, "qkv_exchange", layer, wire_bytes=qkv),
+                    Collective("all_to_all", attn, S, "out_exchange", layer, wire_bytes=attn)]
+        if reduce_group > 1:
+            out += [Collective("all_reduce", hidden, reduce_group, site, layer, wire_bytes=hidden)
+                    for site in ("o_proj", "down_proj")]
+    if not shifted:
+        out.append(Collective("all_gather", hidden, S, "sp_gather", wire_bytes=hidden * S))
+    if T > 1 and logit_rows > 0:
+        shard, padded_shard = (logit_rows * n * LOGITS_ITEMSIZE for n in (sh.vocab_rows, sh.vocab_rows_max))
+        out.append(Collective("all_gather", shard, T, "lm_head", wire_bytes=padded_shard * T))
     return out
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from plait.config import ModelConfig
+from plait.config import EngineConfig, ModelConfig
 from plait.parallel.pipeline import check_pipeline, stage_layers
+from plait.parallel.sequence import check_sequence_parallel
 from plait.parallel.tensor import TensorParallel, check_tensor_parallel
 
 
@@ -25,21 +26,35 @@ def load_model_config(model: str | None) -> ModelConfig:
 
 @dataclass(frozen=True)
 class Layout:
-    """World = dp x pp x tp. Rank r of a replica is tensor rank r % tp of stage r // tp (as the engine numbers them)."""
+    """World = dp x pp x sp x tp. Rank r of a replica is tensor rank r % tp of stage r // tp (as the engine numbers
+    them); with sequence parallelism (one stage) it is tensor rank r % tp of sequence rank r // tp."""
 
     tp: int = 1
     pp: int = 1
     dp: int = 1
     partition: tuple[int, ...] | None = None  # layers per stage; None = as even as possible
+    sp: int = 1
+    shift_threshold: int | None = None  # Shift: steps of at most this many tokens run TP over all sp x tp ranks
 
     def __post_init__(self) -> None:
-        for name in ("tp", "pp", "dp"):
+        for name in ("tp", "pp", "dp", "sp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"layout {name} must be >= 1, got {getattr(self, name)}")
+        if self.sp > 1 and self.pp > 1:
+            raise ValueError(f"layout sp {self.sp} with pp {self.pp}: the engine runs sequence parallelism on one stage")
+        if self.shift_threshold is not None and self.sp == 1:
+            raise ValueError("layout shift_threshold needs sp > 1: Shift switches between SP and TP over those ranks")
+
+    @classmethod
+    def of(cls, cfg: EngineConfig) -> "Layout":
+        """The layout an engine runs."""
+        par = cfg.parallel
+        return cls(par.tensor_parallel_size, par.pipeline_parallel_size, par.data_parallel_size, par.pp_layer_partition,
+                   par.sequence_parallel_size, cfg.shift_threshold if cfg.shift_parallel else None)
 
     @property
     def replica(self) -> int:
-        return self.tp * self.pp
+        return self.tp * self.pp * self.sp
 
     @property
     def world(self) -> int:
@@ -47,12 +62,14 @@ class Layout:
 
     @property
     def name(self) -> str:
-        parts = [f"{k.upper()}{v}" for k, v in (("tp", self.tp), ("pp", self.pp), ("dp", self.dp)) if v > 1]
+        sp = "SHIFT" if self.shift_threshold is not None else "SP"
+        parts = [f"{k}{v}" for k, v in (("TP", self.tp), ("PP", self.pp), (sp, self.sp), ("DP", self.dp)) if v > 1]
         return "x".join(parts) or "TP1"
 
     def check(self, m: ModelConfig) -> None:
         """The engine's own checks: a ValueError for a layout it would refuse."""
         check_tensor_parallel(self.tp, m.num_heads, m.num_kv_heads)
+        check_sequence_parallel(self.sp, self.tp, m.num_heads, m.num_kv_heads)
         check_pipeline(m.num_layers, self.pp, self.partition)
 
 
@@ -82,9 +99,10 @@ class RankShard:
 
 @functools.lru_cache(maxsize=4096)
 def rank_shard(m: ModelConfig, layout: Layout, rank: int) -> RankShard:
-    """`rank` counts within one replica (0 .. tp*pp - 1)."""
+    """`rank` counts within one replica (0 .. tp*pp - 1). Under sequence parallelism the TP shard of the embedding,
+    LM head and layers is this one; its heads and MLP columns are split S*T ways instead (collectives.py)."""
     assert 0 <= rank < layout.replica, f"rank {rank} outside a replica of {layout.replica} ranks"
-    stage, tp_rank = divmod(rank, layout.tp)
+    stage, tp_rank = rank // (layout.tp * layout.sp), rank % layout.tp
     plan = TensorParallel(_Position(tp_rank, layout.tp))
     heads = plan.heads(m.num_heads, m.num_kv_heads)
     lo, hi = plan.split(m.intermediate_size)

@@ -93,6 +93,8 @@ MULTI_GPU = [
     dict(data_parallel_size=2),
     dict(sequence_parallel_size=2),
     dict(sequence_parallel_size=2, shift_parallel=True, shift_threshold=8),  # prefill SP, decode TP
+    pytest.param(dict(sequence_parallel_size=2, tensor_parallel_size=2, shift_parallel=True, shift_threshold=8),
+                 marks=pytest.mark.skipif(torch.cuda.device_count() < 4, reason="needs 4 GPUs")),
     dict(tensor_parallel_size=2, all_reduce_backend="nccl"),
 ]
 
@@ -102,7 +104,7 @@ MULTI_GPU = [
 @pytest.mark.parametrize("kw", MULTI_GPU, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
 def test_two_gpu_modes_match_single_rank(checkpoint, single_rank_fp32, kw):
     """TP (symmetric-memory and NCCL all-reduce, fused into the norm or not, in CUDA graphs), PP, DP, SP and Shift
-    over 2 GPUs (and TP=4 with the fused op where 4 exist), fp32, against one GPU."""
+    over 2 GPUs (and TP=4 with the fused op, SP=2 x TP=2 with Shift, where 4 exist), fp32, against one GPU."""
     for a, b in zip(single_rank_fp32, _fp32_run(checkpoint[0], **kw)):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         la = torch.tensor([p[t].logprob for p, t in zip(a.outputs[0].logprobs, a.outputs[0].token_ids)])
