@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random checkpoints of each family, written once per session as real HF folders."""
+"""Shared fixtures: tiny random checkpoints of each family, written once per session as real HF folders; and the
+scheduler's invariants, checked by the unit and the engine-level scheduling tests."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 import transformers
+
+from plait.core import SeqStatus  # noqa: E402
+from plait.engine.kv_cache import blocks_needed  # noqa: E402
 
 # Tiny shapes that still exercise every path: GQA, uneven head splits (9 heads / 3 KV heads like SmolLM2),
 # qkv bias (Qwen2), per-head q/k norm (Qwen3), llama3 rope scaling, tied and untied embeddings.
@@ -90,3 +94,18 @@ def smollm2_hf():
     return transformers.AutoModelForCausalLM.from_pretrained(
         os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
     ).eval()
+
+
+def check_state(sched) -> None:
+    """Invariants between the scheduler's queues and the block manager."""
+    sched.blocks.check_invariants()
+    bs = sched.blocks.block_size
+    for seq in sched.running:
+        assert seq.status is SeqStatus.RUNNING
+        assert len(sched.blocks.table(seq.seq_id)) >= blocks_needed(seq.num_computed_tokens, bs)
+    for seq in sched.waiting:
+        assert seq.status is SeqStatus.WAITING
+        assert seq.num_computed_tokens == 0 and sched.blocks.table(seq.seq_id) == []
+    owners = {seq.seq_id for seq in sched.running}
+    assert set(sched.blocks.tables) <= owners, "a sequence that is not running holds blocks"
+    assert len(sched.running) <= sched.cfg.max_num_seqs

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from conftest import random_prompts
+from conftest import check_state, random_prompts
 from plait import LLM, SamplingParams
 
 MAX_LEN = 128

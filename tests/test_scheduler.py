@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from conftest import check_state
 from plait import SamplingParams
 from plait.config import SchedulerConfig
 from plait.core import SeqStatus, Sequence, StepPlan
@@ -28,21 +29,6 @@ def add(sched: Scheduler, seqs: dict[int, Sequence], *new: Sequence) -> None:
     for seq in new:
         seqs[seq.seq_id] = seq
         sched.add(seq)
-
-
-def check_state(sched: Scheduler) -> None:
-    """Invariants between the scheduler's queues and the block manager."""
-    sched.blocks.check_invariants()
-    bs = sched.blocks.block_size
-    for seq in sched.running:
-        assert seq.status is SeqStatus.RUNNING
-        assert len(sched.blocks.table(seq.seq_id)) >= blocks_needed(seq.num_computed_tokens, bs)
-    for seq in sched.waiting:
-        assert seq.status is SeqStatus.WAITING
-        assert seq.num_computed_tokens == 0 and sched.blocks.table(seq.seq_id) == []
-    owners = {seq.seq_id for seq in sched.running}
-    assert set(sched.blocks.tables) <= owners, "a sequence that is not running holds blocks"
-    assert len(sched.running) <= sched.cfg.max_num_seqs
 
 
 def step(sched: Scheduler, seqs: dict[int, Sequence]) -> StepPlan:
