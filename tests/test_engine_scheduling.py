@@ -9,6 +9,7 @@ import pytest
 
 from conftest import check_state, random_prompts
 from plait import LLM, SamplingParams
+from plait.core import SeqStatus
 
 MAX_LEN = 128
 
