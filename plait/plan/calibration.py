@@ -86,6 +86,9 @@ class Calibration:
     decode_token_s: float = 0.0  # one split-KV decode program's time per context token it walks, per layer
     sync_per_collective_s: float = 0.0  # a collective inside a real step beyond its microbenchmark (ranks arrive apart)
     fit_configs: list[str] = field(default_factory=list)  # validation configurations the engine terms were fitted on
+    # Shift: measured step times of both modes by step size, `shift.table_key(model, sp, tp)` -> [[tokens, SP-mode s,
+    # TP-mode s], ...] (`plait calibrate --shift-model`); the engine picks its threshold from it over the model
+    shift_steps: dict[str, list[list[float]]] = field(default_factory=dict)
     symm_mem: bool = True  # all-reduces up to 4 MB go through symmetric memory (the engine's default on GPU)
     notes: list[str] = field(default_factory=list)
 

@@ -48,7 +48,8 @@ class Layout:
 
     @classmethod
     def of(cls, cfg: EngineConfig) -> "Layout":
-        """The layout an engine runs."""
+        """The layout an engine runs (its Shift threshold resolved: `LLMEngine` replaces an automatic one)."""
+        assert not cfg.shift_parallel or cfg.shift_threshold is not None, "Shift's threshold is resolved at start-up"
         par = cfg.parallel
         return cls(par.tensor_parallel_size, par.pipeline_parallel_size, par.data_parallel_size, par.pp_layer_partition,
                    par.sequence_parallel_size, cfg.shift_threshold if cfg.shift_parallel else None)
