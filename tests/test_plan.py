@@ -225,7 +225,7 @@ def test_predictions_tp_dp_and_memory(llama8b):
 
 
 def test_planner_enumerates_ranks_and_finds_te(smollm2, llama8b):
-    assert {lay.name for lay in layouts(llama8b, 4)} == {"TP4", "TP2xDP2", "DP4", "PP2xDP2", "PP4", "TP2xPP2"}
+    assert {lay.name for lay in layouts(llama8b, 4) if lay.sp == 1} == {"TP4", "TP2xDP2", "DP4", "PP2xDP2", "PP4", "TP2xPP2"}
     assert "PP4" not in {lay.name for lay in layouts(smollm2, 4)}  # 30 layers do not split evenly in 4
     calib, lim = h200_defaults(), EngineLimits()
     w = Workload(128, 64, batch=1)
@@ -276,7 +276,8 @@ def test_plan_cli_says_where_its_figures_come_from(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "figures: built-in defaults: H200 figures of ../shared/DEVICE.md" in text and "t_e = " in text
     data = json.loads(out.read_text())
-    assert {r["config"] for r in data["ranked"]} == {"TP2", "DP2", "PP2"} and (tmp_path / "p.png").stat().st_size > 0
+    assert {r["config"] for r in data["ranked"]} == {"TP2", "DP2", "PP2", "SP2", "SHIFT2"}
+    assert (tmp_path / "p.png").stat().st_size > 0 and "SHIFT2: shift threshold" in text
     assert cli_main(["plan", "llama3-8b", "--gpus", "0"]) == 2
     assert "--gpus must be >= 1" in capsys.readouterr().err
 
