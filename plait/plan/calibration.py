@@ -87,7 +87,8 @@ class Calibration:
     sync_per_collective_s: float = 0.0  # a collective inside a real step beyond its microbenchmark (ranks arrive apart)
     fit_configs: list[str] = field(default_factory=list)  # validation configurations the engine terms were fitted on
     # Shift: measured step times of both modes by step size, `shift.table_key(model, sp, tp)` -> [[tokens, SP-mode s,
-    # TP-mode s], ...] (`plait calibrate --shift-model`); the engine picks its threshold from it over the model
+    # TP-mode s], ...]; where present the engine picks its threshold from it instead of from the model (a GPU
+    # measurement fills it; `plait calibrate` does not time the engine's two modes yet)
     shift_steps: dict[str, list[list[float]]] = field(default_factory=dict)
     symm_mem: bool = True  # all-reduces up to 4 MB go through symmetric memory (the engine's default on GPU)
     notes: list[str] = field(default_factory=list)
