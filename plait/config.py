@@ -178,7 +178,12 @@ class EngineConfig:
                                         "tensor_parallel_size ranks in all (weights sharded by the TP part).", default=1)
     shift_parallel: bool = _help("Shift: steps of at most --shift-threshold tokens run tensor-parallel over all "
                                  "sp x tp ranks (same KV cache).", default=False)
-    shift_threshold: int = _help("Scheduled tokens at or below which a Shift step runs tensor-parallel.", default=256)
+    shift_threshold: int | None = _help("Scheduled tokens at or below which a Shift step runs tensor-parallel. "
+                                        "Default: where the analytical model predicts SP-mode steps to become faster "
+                                        "than TP-mode ones for this model and degree (from --calibration; a table of "
+                                        "measured step times there wins), printed at start-up.", default=None)
+    calibration: str | None = _help("A `plait calibrate` file whose figures choose the default --shift-threshold "
+                                    "(default: the built-in H200 figures, as `plait plan`).", default=None)
     max_model_len: int | None = _help("Longest prompt + output, in tokens (default: the model's).", default=None)
     max_num_seqs: int = _help("Most sequences in one step.", default=64)
     max_num_batched_tokens: int | None = _help("Token budget of one step (default: 2048 or max_model_len).", default=None)
@@ -246,6 +251,8 @@ class EngineConfig:
             raise ValueError(f"overlap_min_tokens must be >= 2 (a step is split in two), got {self.overlap_min_tokens}")
         if self.shift_parallel and self.sequence_parallel_size == 1:
             raise ValueError("shift_parallel needs sequence_parallel_size > 1: Shift switches between SP and TP over those ranks")
+        if self.shift_threshold is not None and (not self.shift_parallel or self.shift_threshold < 0):
+            raise ValueError(f"shift_threshold ({self.shift_threshold}) needs shift_parallel and must be >= 0 tokens")
         if self.sampling_parallel and self.sequence_parallel_size > 1 and self.tensor_parallel_size > 1:
             raise ValueError(
                 f"sampling_parallel with sequence_parallel_size ({self.sequence_parallel_size}) x tensor_parallel_size "

@@ -30,6 +30,8 @@ from plait.parallel.pipeline import check_pipeline
 from plait.parallel.sequence import check_sequence_parallel
 from plait.parallel.tensor import check_tensor_parallel
 from plait.parallel.track import check_track_parallel
+from plait.plan.shapes import Layout
+from plait.plan.shift import memory_line, resolve_threshold
 from plait.sampling_params import SamplingParams
 
 
@@ -63,6 +65,11 @@ class LLMEngine:
         par = cfg.parallel
         check_pipeline(m.num_layers, par.pipeline_parallel_size, par.pp_layer_partition)
         self.sched_config = resolve_scheduler_config(cfg, self.model_config)
+        self.itemsize = cfg.torch_dtype(getattr(hf_config, "dtype", None)).itemsize
+        if cfg.shift_parallel:
+            cfg, line = resolve_threshold(cfg, m, src.name, self.sched_config.max_num_batched_tokens, self.itemsize)
+            self.cfg = cfg
+            print(f"plait: {line}")
         self.tokenizer = load_tokenizer(src, cfg.tokenizer)
         self.eos_token_ids = eos = _eos_ids(hf_config, self.tokenizer)
         self.executor = make_executor(cfg, {
@@ -71,6 +78,8 @@ class LLMEngine:
             "eos_token_ids": eos,
         }, device_offset, own_process)
         num_blocks = self._size_kv_cache()
+        if par.sequence_parallel_size > 1:
+            print(f"plait: {memory_line(m, Layout.of(cfg), self.itemsize, num_blocks * cfg.block_size)}")
         self.blocks = BlockManager(num_blocks, cfg.block_size)
         self.schedulers = [Scheduler(self.sched_config, self.blocks) for _ in range(par.pipeline_parallel_size)]
         self.scheduler_of: dict[int, Scheduler] = {}  # seq_id -> the scheduler (micro-batch) that owns it

@@ -86,6 +86,10 @@ class Calibration:
     decode_token_s: float = 0.0  # one split-KV decode program's time per context token it walks, per layer
     sync_per_collective_s: float = 0.0  # a collective inside a real step beyond its microbenchmark (ranks arrive apart)
     fit_configs: list[str] = field(default_factory=list)  # validation configurations the engine terms were fitted on
+    # Shift: measured step times of both modes by step size, `shift.table_key(model, sp, tp)` -> [[tokens, SP-mode s,
+    # TP-mode s], ...]; where present the engine picks its threshold from it instead of from the model (a GPU
+    # measurement fills it; `plait calibrate` does not time the engine's two modes yet)
+    shift_steps: dict[str, list[list[float]]] = field(default_factory=dict)
     symm_mem: bool = True  # all-reduces up to 4 MB go through symmetric memory (the engine's default on GPU)
     notes: list[str] = field(default_factory=list)
 
@@ -171,17 +175,25 @@ def h200_defaults() -> Calibration:
     engine's terms, as `plait calibrate --fit-from` fitted them to the tp1 and tp2 points there).
     All-gather and send/recv were not measured there: they are derived, and say so."""
     ar2 = [21.5, 11.8, 13.0, 18.5, 36.3, 76.0, 257]
+    ar4_eager = [76.7, 57.5, 64.9, 79.1, 59.0, 96.1, 328]
     curves = {
         curve_key("all_reduce", "nccl", "graph", 2): _us(ar2),
         curve_key("all_reduce", "symm_one_shot", "graph", 2): _us([6.6, 7.4, 8.7, 13.1, 42.2]),
         curve_key("all_reduce", "symm_two_shot", "graph", 2): _us([6.3, 7.2, 7.4, 9.8, 20.0, 57.7, 212]),
-        curve_key("all_reduce", "nccl", "eager", 4): _us([76.7, 57.5, 64.9, 79.1, 59.0, 96.1, 328]),
+        curve_key("all_reduce", "nccl", "eager", 4): _us(ar4_eager),
         curve_key("all_reduce", "nccl", "graph", 4): _us([16.2, 33.1, 16.8, 23.2, 44.1, 98.3, 335]),
         curve_key("all_reduce", "symm_one_shot", "graph", 4): _us([8.0, 9.0, 11.2, 18.4, 48.6]),
         curve_key("all_reduce", "symm_two_shot", "graph", 4): _us([7.2, 9.4, 9.3, 13.2, 28.2, 90.6, 336]),
         # Ring all-gather of an output of S bytes moves what half of a ring all-reduce of S does.
         curve_key("all_gather", "nccl", "graph", 2): Curve([2 * s for s in _SIZES], [v * _US for v in ar2],
                                                            note="derived: NCCL all-reduce of half the size"),
+        # An all-to-all of S bytes a rank (Ulysses' head exchange) sends (p-1)/p of them and receives as much: the
+        # traffic of an all-gather of output S, so it too is priced as the all-reduce of half the size. SP-mode steps
+        # run eager: their curve comes from the eager 4-rank NCCL all-reduce.
+        curve_key("all_to_all", "nccl", "graph", 2): Curve([2 * s for s in _SIZES], [v * _US for v in ar2],
+                                                           note="derived: NCCL all-reduce of half the size"),
+        curve_key("all_to_all", "nccl", "eager", 4): Curve([2 * s for s in _SIZES], [v * _US for v in ar4_eager],
+                                                           note="derived: eager NCCL all-reduce of half the size"),
         # Eager symmetric-memory all-reduces (prefill) were not measured: 40 us fits the TP=2 TTFT of benchmarks/results.
         curve_key("all_reduce", "symm_one_shot", "eager", 2): Curve([16 * _KB, 256 * _KB], [40 * _US, 42 * _US],
                                                                     note="derived: latency_tp2_bs1 TTFT"),
@@ -197,7 +209,7 @@ def h200_defaults() -> Calibration:
         eager_layer_s=877e-6, eager_seq_layer_s=76.5e-6, eager_collective_s=160e-6, decode_token_s=67.2e-9,
         paged_attention_efficiency=0.117, sync_per_collective_s=12.3e-6, fit_configs=["tp1", "tp2"],
         notes=["matrix rate: the 8192^3 GEMM's 779 TFLOP/s at 85%, as model-shaped GEMMs ran in latency_tp1_bs64",
-               "all-gather derived from all-reduce; send/recv assumed",
+               "all-gather and all-to-all derived from all-reduce; send/recv assumed",
                "engine terms: fitted to the tp1 and tp2 points of benchmarks/results/comm/comm_validation.json "
                "(`plait calibrate --fit-from`)"],
     )

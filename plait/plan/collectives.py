@@ -73,7 +73,7 @@ def sequence_collectives(m: ModelConfig, layout: Layout, rank: int, tokens: int,
     s, t = divmod(rank, T)
     sh = rank_shard(m, layout, rank)
     heads = [p.heads(m.num_heads, m.num_kv_heads) for p in SequenceGrid(s, S, t, T).peers()]
-    shifted = layout.shift_threshold is not None and tokens <= layout.shift_threshold
+    shifted = layout.shifted(tokens)
     padded = tokens if shifted else -(-tokens // S) * S
     rows = tokens if shifted else padded // S  # the tokens this rank runs through the layers
     hidden = rows * m.hidden_size * itemsize

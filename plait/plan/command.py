@@ -7,11 +7,13 @@ import json
 
 from tqdm.auto import tqdm
 
+from plait.models.loader import resolve_model
 from plait.plan.calibration import Calibration, h200_defaults
-from plait.plan.planner import GOALS, Slo, effective_tp, layouts, plan
+from plait.plan.planner import GOALS, Slo, candidates, effective_tp, plan
 from plait.plan.predict import EngineLimits, predict
 from plait.plan.report import describe_collectives, plot, table, te_lines, to_json
 from plait.plan.shapes import load_model_config
+from plait.plan.shift import choose_threshold
 from plait.plan.workload import Workload, workload_from_trace
 
 _ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -50,17 +52,18 @@ def _workload(args: argparse.Namespace) -> Workload:
 def main(args: argparse.Namespace) -> int:
     calib = Calibration.load(args.calibration) if args.calibration else h200_defaults()
     m = load_model_config(args.model)
+    name = resolve_model(args.model).name
     w = _workload(args)
     slo = Slo(args.slo_ttft / 1e3 if args.slo_ttft else None, args.slo_tpot / 1e3 if args.slo_tpot else None)
     goal = args.goal or ("slo" if slo.ttft_s or slo.tpot_s else "latency")
     lim = EngineLimits(args.max_num_batched_tokens, args.max_num_seqs, _ITEMSIZE[args.dtype], args.enforce_eager,
                        args.gpu_memory_utilization)
-    options = layouts(m, args.gpus)
+    options = candidates(m, args.gpus, calib, lim, name)
     if not options:
-        raise ValueError(f"no TP x PP x DP layout of {args.gpus} GPUs fits this model's {m.num_heads} heads and "
-                         f"{m.num_layers} layers")
+        raise ValueError(f"no TP x PP x DP or SP x TP x DP layout of {args.gpus} GPUs fits this model's "
+                         f"{m.num_heads} heads and {m.num_layers} layers")
     with tqdm(total=len(options), desc="Predicting configurations", leave=False) as bar:
-        choices = plan(m, args.gpus, w, goal, slo, calib, lim, bar)
+        choices = plan(m, args.gpus, w, goal, slo, calib, lim, bar, name)
     te, sweep = effective_tp(m, args.gpus, w, calib, lim)
     concurrency = f"rate {w.request_rate:g} req/s" if w.request_rate else f"batch {w.batch or 1}"
     print(f"plan for {args.model or 'SmolLM2-135M-Instruct'} on {args.gpus} GPUs: in {w.input_len}, out {w.output_len}, "
@@ -68,6 +71,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"figures: {calib.source}" + "".join(f"\n  note: {n}" for n in calib.notes))
     print(table(choices, goal))
     print(te_lines(te, sweep))
+    for layout in (c.prediction.layout for c in choices if c.prediction.layout.shift_threshold is not None):
+        print(f"{layout.name}: " + choose_threshold(m, name, layout.sp, layout.tp, calib, lim).message(layout))
     best = choices[0].prediction
     print(f"best ({best.layout.name}), rank 0 collectives: first step {describe_collectives(best.first_step_collectives)}; "
           f"last step {describe_collectives(best.last_step_collectives)}")

@@ -24,7 +24,7 @@ from plait.config import ModelConfig
 from plait.engine.cuda_graph import decode_splits, graph_buckets
 from plait.plan.calibration import Calibration
 from plait.plan.collectives import Collective, rank_collectives
-from plait.plan.shapes import Layout, RankShard, rank_shard
+from plait.plan.shapes import Layout, RankShard, rank_shard, sequence_shards
 from plait.plan.workload import StepShape
 
 ACTIVATION_SLACK_BYTES = 2 << 30  # ModelRunner._activation_bytes: graphs and cuBLAS workspace
@@ -74,17 +74,34 @@ def attention_s(m: ModelConfig, sh: RankShard, shape: StepShape, calib: Calibrat
     return max(flops_per_pair * paged_prefill_pairs(shape.chunks) / rate, kv_bytes / calib.copy_bytes_s)
 
 
+def dense_s(m: ModelConfig, sh: RankShard, tokens: int, calib: Calibration, itemsize: int) -> float:
+    """One decoder layer's GEMMs and elementwise work on `tokens` rows through the weights of `sh`."""
+    H, D = m.hidden_size, m.head_dim
+    t = gemm_s(calib, tokens, H, (sh.q_heads + 2 * sh.kv_heads) * D, itemsize)  # qkv_proj
+    t += gemm_s(calib, tokens, sh.q_heads * D, H, itemsize)  # o_proj
+    t += gemm_s(calib, tokens, H, 2 * sh.intermediate, itemsize)  # gate_up_proj
+    t += gemm_s(calib, tokens, sh.intermediate, H, itemsize)  # down_proj
+    # Norms, residual adds, rotary and silu*mul read and write about 10 hidden and 3 intermediate values a token.
+    return t + tokens * (10 * H + 3 * sh.intermediate) * itemsize / calib.copy_bytes_s
+
+
 def layer_compute_s(m: ModelConfig, sh: RankShard, shape: StepShape, calib: Calibration, itemsize: int,
                     graph: bool) -> float:
     """One decoder layer's GEMMs and attention on this rank's shard (no collectives, no launch overhead)."""
-    T, H, D = shape.tokens, m.hidden_size, m.head_dim
-    t = gemm_s(calib, T, H, (sh.q_heads + 2 * sh.kv_heads) * D, itemsize)  # qkv_proj
-    t += gemm_s(calib, T, sh.q_heads * D, H, itemsize)  # o_proj
-    t += gemm_s(calib, T, H, 2 * sh.intermediate, itemsize)  # gate_up_proj
-    t += gemm_s(calib, T, sh.intermediate, H, itemsize)  # down_proj
-    t += attention_s(m, sh, shape, calib, itemsize, graph)
-    # Norms, residual adds, rotary and silu*mul read and write about 10 hidden and 3 intermediate values a token.
-    return t + T * (10 * H + 3 * sh.intermediate) * itemsize / calib.copy_bytes_s
+    return dense_s(m, sh, shape.tokens, calib, itemsize) + attention_s(m, sh, shape, calib, itemsize, graph)
+
+
+def sequence_layer_compute_s(m: ModelConfig, layout: Layout, rank: int, shape: StepShape, calib: Calibration,
+                             itemsize: int, graph: bool) -> float:
+    """One layer under sequence parallelism. SP mode: the GEMMs run the rank's 1/S of the padded tokens through the
+    whole TP shard it holds (replicated weights: each rank reads all of them), attention runs every token for its
+    own heads. A Shift TP-mode step: every token through its own part's view of the weights."""
+    held, own = sequence_shards(m, layout, rank)
+    if layout.shifted(shape.tokens):
+        dense = dense_s(m, own, shape.tokens, calib, itemsize)
+    else:
+        dense = dense_s(m, held, -(-shape.tokens // layout.sp), calib, itemsize)
+    return dense + attention_s(m, own, shape, calib, itemsize, graph)
 
 
 def head_compute_s(m: ModelConfig, sh: RankShard, shape: StepShape, calib: Calibration, itemsize: int) -> float:
@@ -114,7 +131,12 @@ class StageTime:
 
 
 def uses_graph(calib: Calibration, layout: Layout, shape: StepShape, max_num_seqs: int, enforce_eager: bool = False) -> bool:
-    """The model runner replays a decode step from a CUDA graph on GPU, for one stage, when it fits a bucket."""
+    """The model runner replays a decode step from a CUDA graph on GPU, for one stage, when it fits a bucket. Under
+    sequence parallelism only Shift's TP mode has graphs, captured up to the threshold; SP-mode steps run eager."""
+    if layout.sp > 1:
+        if not layout.shifted(shape.tokens):
+            return False
+        max_num_seqs = min(max_num_seqs, layout.shift_threshold)
     return (calib.device == "cuda" and not enforce_eager and layout.pp == 1 and shape.phase == "decode"
             and shape.seqs <= max_num_seqs and shape.logit_rows == shape.seqs)
 
@@ -126,26 +148,33 @@ def eager_issue_s(calib: Calibration, layers: int, shape: StepShape, collectives
     return per_layer * layers + calib.eager_collective_s * collectives
 
 
+def rank_compute_s(m: ModelConfig, layout: Layout, rank: int, shape: StepShape, calib: Calibration, itemsize: int,
+                   graph: bool) -> float:
+    """One step's GEMMs, attention and LM head on one rank of a replica."""
+    sh = rank_shard(m, layout, rank)
+    if layout.sp > 1:
+        compute = len(sh.layers) * sequence_layer_compute_s(m, layout, rank, shape, calib, itemsize, graph)
+    else:
+        compute = len(sh.layers) * layer_compute_s(m, sh, shape, calib, itemsize, graph)
+    return compute + (head_compute_s(m, sh, shape, calib, itemsize) if sh.last else 0.0)
+
+
 def stage_time(m: ModelConfig, layout: Layout, stage: int, shape: StepShape, calib: Calibration, itemsize: int,
                graph: bool) -> StageTime:
-    best = None
-    for tp_rank in range(layout.tp):
-        rank = stage * layout.tp + tp_rank
-        sh = rank_shard(m, layout, rank)
-        compute = len(sh.layers) * layer_compute_s(m, sh, shape, calib, itemsize, graph)
-        if sh.last:
-            compute += head_compute_s(m, sh, shape, calib, itemsize)
-        if best is None or compute > best[0]:
-            best = (compute, sh, rank)
-    compute, sh, rank = best
+    width = layout.tp * layout.sp  # the ranks of one stage
+    ranks = range(stage * width, (stage + 1) * width)
+    times = {r: rank_compute_s(m, layout, r, shape, calib, itemsize, graph) for r in ranks}
+    rank = max(times, key=times.get)  # the slowest rank sets the stage's pace
+    compute = times[rank]
+    layers = len(rank_shard(m, layout, rank).layers)
     coll = rank_collectives(m, layout, rank, shape.tokens, shape.logit_rows, itemsize)
-    inside = [c for c in coll if c.op in ("all_reduce", "all_gather")]
+    inside = [c for c in coll if c.op in ("all_reduce", "all_gather", "all_to_all")]
     comm = sum(calib.collective_time(c.op, c.wire_bytes, c.group_size, graph) + calib.sync_per_collective_s for c in inside)
     # The two tensors of a boundary (hidden, residual) travel back to back: one message each.
     p2p = sum(calib.collective_time("send_recv", c.wire_bytes, 2, False) for c in coll if c.op == "recv")
     if graph:
-        return StageTime(compute, comm, p2p, calib.graph_layer_s * len(sh.layers), 0.0, coll)
-    return StageTime(compute, comm, p2p, 0.0, eager_issue_s(calib, len(sh.layers), shape, len(inside)), coll)
+        return StageTime(compute, comm, p2p, calib.graph_layer_s * layers, 0.0, coll)
+    return StageTime(compute, comm, p2p, 0.0, eager_issue_s(calib, layers, shape, len(inside)), coll)
 
 
 @dataclass(frozen=True)
@@ -181,17 +210,17 @@ def rank_weights(m: ModelConfig, sh: RankShard, itemsize: int) -> int:
 
 def rank_memory(m: ModelConfig, layout: Layout, calib: Calibration, itemsize: int, max_num_batched_tokens: int,
                 gpu_memory_utilization: float = 0.9) -> Memory:
-    """The rank whose cache holds the fewest tokens: every rank allocates the block count of the smallest."""
+    """The rank whose cache holds the fewest tokens: every rank allocates the block count of the smallest. Under
+    sequence parallelism a rank holds its whole TP shard (replicated over SP) and caches its own part's KV heads."""
     worst = None
     tp = layout.tp
     # ModelRunner._activation_bytes: a step's temporaries at the full token budget
     per_token = 3 * m.hidden_size + 2 * (m.num_heads + 2 * m.num_kv_heads) * m.head_dim // tp + 3 * m.intermediate_size // tp
     act = max_num_batched_tokens * per_token * itemsize + ACTIVATION_SLACK_BYTES
     for rank in range(layout.replica):
-        sh = rank_shard(m, layout, rank)
-        weights = rank_weights(m, sh, itemsize)
-        kv = 2 * sh.kv_heads * m.head_dim * itemsize * len(sh.layers)
-        mem = Memory(weights, act, int(calib.memory_bytes * gpu_memory_utilization), kv)
+        held, own = sequence_shards(m, layout, rank) if layout.sp > 1 else (rank_shard(m, layout, rank),) * 2
+        kv = 2 * own.kv_heads * m.head_dim * itemsize * len(own.layers)
+        mem = Memory(rank_weights(m, held, itemsize), act, int(calib.memory_bytes * gpu_memory_utilization), kv)
         if worst is None or mem.kv_tokens < worst.kv_tokens:
             worst = mem
     return worst

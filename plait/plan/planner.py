@@ -4,12 +4,15 @@ Goals: `latency` (lowest end-to-end time of a request at the workload's concurre
 tokens per second at the largest batch that fits), `slo` (most tokens per second at the largest batch whose
 TTFT and TPOT meet the SLOs). With a request rate, concurrency follows from Little's law: sequences in flight =
 rate x latency, solved per configuration (a configuration that cannot keep up is marked saturated).
+Sequence parallelism (SP, SP x TP, and Shift switching SP <-> TP per step at its modelled threshold) is laid out
+on one stage beside them.
 t_e (Albireo): the tensor-parallel degree with the lowest predicted latency for the workload; past it, more
 GPUs in one TP group cost more in communication and fixed work than they save.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -17,6 +20,7 @@ from plait.config import ModelConfig
 from plait.plan.calibration import Calibration
 from plait.plan.predict import EngineLimits, Prediction, predict
 from plait.plan.shapes import Layout
+from plait.plan.shift import choose_threshold
 from plait.plan.workload import Workload
 
 GOALS = ("latency", "throughput", "slo")
@@ -45,20 +49,32 @@ class Choice:
 
 
 def layouts(m: ModelConfig, gpus: int) -> list[Layout]:
-    """Every TP x PP x DP = gpus the engine accepts for this model (even pipeline splits)."""
+    """Every TP x PP x DP = gpus (even pipeline splits) and SP x TP x DP = gpus (one stage) the engine accepts."""
     if gpus < 1:
         raise ValueError(f"--gpus must be >= 1, got {gpus}")
     out = []
-    for tp in range(1, gpus + 1):
-        for pp in range(1, gpus // tp + 1):
-            if gpus % (tp * pp):
-                continue
-            layout = Layout(tp, pp, gpus // (tp * pp))
-            try:
-                layout.check(m)
-            except ValueError:
-                continue
-            out.append(layout)
+    for sp in range(1, gpus + 1):
+        for tp in range(1, gpus // sp + 1):
+            for pp in range(1, gpus // (sp * tp) + 1) if sp == 1 else (1,):
+                if gpus % (sp * tp * pp):
+                    continue
+                layout = Layout(tp, pp, gpus // (sp * tp * pp), sp=sp)
+                try:
+                    layout.check(m)
+                except ValueError:
+                    continue
+                out.append(layout)
+    return out
+
+
+def candidates(m: ModelConfig, gpus: int, calib: Calibration, lim: EngineLimits,
+               model_name: str | None = None) -> list[Layout]:
+    """`layouts`, and each SP layout again as Shift at the threshold the engine would pick (`shift.choose_threshold`):
+    past it SP-mode steps are predicted faster, so a Shift step costs the cheaper of the two modes."""
+    out = layouts(m, gpus)
+    for layout in [lay for lay in out if lay.sp > 1]:
+        choice = choose_threshold(m, model_name, layout.sp, layout.tp, calib, lim)
+        out.append(dataclasses.replace(layout, shift_threshold=choice.threshold))
     return out
 
 
@@ -111,18 +127,24 @@ def evaluate(m: ModelConfig, layout: Layout, w: Workload, goal: str, slo: Slo, c
 
 def _why(p: Prediction, cap: int) -> str:
     bound = "max_num_seqs" if p.max_batch == p.max_seqs else "KV cache"
-    return f"comm {100 * p.comm_share:.0f}% of decode; holds {cap} seqs ({cap / p.batch:.1f}x this batch; {bound})"
+    why = f"comm {100 * p.comm_share:.0f}% of decode; holds {cap} seqs ({cap / p.batch:.1f}x this batch; {bound})"
+    if p.layout.sp > 1:
+        why += f"; weights x{p.layout.sp} (replicated over SP)"
+    if p.layout.shift_threshold is not None:
+        why += f"; steps <= {p.layout.shift_threshold} tokens run TP"
+    return why
 
 
 def plan(m: ModelConfig, gpus: int, w: Workload, goal: str, slo: Slo, calib: Calibration,
-         lim: EngineLimits, progress=None) -> list[Choice]:
-    """Every layout, best first: those that satisfy the goal, then the rest."""
+         lim: EngineLimits, progress=None, model_name: str | None = None) -> list[Choice]:
+    """Every candidate layout, best first: those that satisfy the goal, then the rest. `model_name` finds the
+    calibration's measured Shift table, as the engine does."""
     if goal not in GOALS:
         raise ValueError(f"goal must be one of {', '.join(GOALS)}; got {goal!r}")
     if goal == "slo" and slo.ttft_s is None and slo.tpot_s is None:
         raise ValueError("goal 'slo' needs --slo-ttft and/or --slo-tpot")
     choices = []
-    for layout in layouts(m, gpus):
+    for layout in candidates(m, gpus, calib, lim, model_name):
         choices.append(evaluate(m, layout, w, goal, slo, calib, lim))
         if progress is not None:
             progress.update(1)

@@ -164,9 +164,6 @@ def predict(m: ModelConfig, layout: Layout, batch: int, input_len: int, output_l
             lim: EngineLimits = EngineLimits()) -> Prediction:
     """A fixed batch of `batch` equal prompts, all arriving at once (as `plait bench latency` runs it)."""
     layout.check(m)
-    if layout.sp > 1:
-        raise ValueError(f"{layout.name}: the cost model prices tp x pp x dp only; sequence parallelism's collectives "
-                         f"are counted exactly (plait.plan.collectives) but not yet priced")
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     per_replica = math.ceil(batch / layout.dp)  # the fullest replica sets the pace

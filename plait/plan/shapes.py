@@ -7,12 +7,13 @@ that shards the real model, so an uneven split (9 heads over 2 ranks) is predict
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
 from plait.config import EngineConfig, ModelConfig
 from plait.parallel.pipeline import check_pipeline, stage_layers
-from plait.parallel.sequence import check_sequence_parallel
+from plait.parallel.sequence import SequenceGrid, check_sequence_parallel
 from plait.parallel.tensor import TensorParallel, check_tensor_parallel
 
 
@@ -47,7 +48,8 @@ class Layout:
 
     @classmethod
     def of(cls, cfg: EngineConfig) -> "Layout":
-        """The layout an engine runs."""
+        """The layout an engine runs (its Shift threshold resolved: `LLMEngine` replaces an automatic one)."""
+        assert not cfg.shift_parallel or cfg.shift_threshold is not None, "Shift's threshold is resolved at start-up"
         par = cfg.parallel
         return cls(par.tensor_parallel_size, par.pipeline_parallel_size, par.data_parallel_size, par.pp_layer_partition,
                    par.sequence_parallel_size, cfg.shift_threshold if cfg.shift_parallel else None)
@@ -65,6 +67,10 @@ class Layout:
         sp = "SHIFT" if self.shift_threshold is not None else "SP"
         parts = [f"{k}{v}" for k, v in (("TP", self.tp), ("PP", self.pp), (sp, self.sp), ("DP", self.dp)) if v > 1]
         return "x".join(parts) or "TP1"
+
+    def shifted(self, tokens: int) -> bool:
+        """Whether a step of `tokens` runs tensor-parallel over all sp x tp ranks (Shift's TP mode)."""
+        return self.shift_threshold is not None and tokens <= self.shift_threshold
 
     def check(self, m: ModelConfig) -> None:
         """The engine's own checks: a ValueError for a layout it would refuse."""
@@ -115,3 +121,21 @@ def rank_shard(m: ModelConfig, layout: Layout, rank: int) -> RankShard:
         first=stage == 0, last=stage == layout.pp - 1,
     )
 
+
+
+@functools.lru_cache(maxsize=4096)
+def sequence_shards(m: ModelConfig, layout: Layout, rank: int) -> tuple[RankShard, RankShard]:
+    """(held, own) of a rank under sequence parallelism. `held`: the weights it stores, its TP shard as the S parts
+    of its SP peers side by side (KV heads counted per peer, as the QKV projection stores them), read in full by
+    every SP-mode step: weights are replicated over SP. `own`: its part of the S*T-way split, the heads it attends
+    with and caches in both modes, and the view a Shift TP-mode step reads. Embedding and LM head rows are the TP
+    shard's in both."""
+    sh = rank_shard(m, layout, rank)
+    s, t = divmod(rank, layout.tp)
+    peers = SequenceGrid(s, layout.sp, t, layout.tp).peers()
+    heads = [p.heads(m.num_heads, m.num_kv_heads) for p in peers]
+    cols = [hi - lo for lo, hi in (p.split(m.intermediate_size) for p in peers)]
+    held = dataclasses.replace(sh, q_heads=sum(h.num_q for h in heads), kv_heads=sum(h.num_kv for h in heads),
+                               intermediate=sum(cols))
+    own = dataclasses.replace(sh, q_heads=heads[s].num_q, kv_heads=heads[s].num_kv, intermediate=cols[s])
+    return held, own
