@@ -179,9 +179,9 @@ class EngineConfig:
     shift_parallel: bool = _help("Shift: steps of at most --shift-threshold tokens run tensor-parallel over all "
                                  "sp x tp ranks (same KV cache).", default=False)
     shift_threshold: int | None = _help("Scheduled tokens at or below which a Shift step runs tensor-parallel. "
-                                        "Default: where the analytical model predicts SP-mode steps to become faster "
-                                        "than TP-mode ones for this model and degree (from --calibration; a table of "
-                                        "measured step times there wins), printed at start-up.", default=None)
+                                        "Default: with --calibration, where the analytical model predicts SP-mode steps to "
+                                        "become faster than TP-mode ones for this model and degree (a table of measured "
+                                        "step times there wins); without, 256. Printed at start-up.", default=None)
     calibration: str | None = _help("A `plait calibrate` file whose figures choose the default --shift-threshold "
                                     "(default: the built-in H200 figures, as `plait plan`).", default=None)
     max_model_len: int | None = _help("Longest prompt + output, in tokens (default: the model's).", default=None)

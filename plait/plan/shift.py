@@ -4,9 +4,9 @@ A small step reads weights more than it computes: TP mode over all S*T ranks rea
 mode reads its whole TP shard (weights are replicated over SP), and only TP mode replays decode graphs. A big step
 computes: both modes split the work over the ranks, but SP mode moves heads by two all-to-alls per layer where TP
 mode all-reduces the whole step's hidden states twice. So TP wins up to some step size and SP past it. When
-`--shift-threshold` is not given, the engine asks the model (`costs.stage_time` on one step of each size in both
-modes, from the same figures `plait plan` uses: `--calibration`, else the built-in H200 ones) for that size; a
-table of measured step times in the calibration file (`Calibration.shift_steps`) overrides the model. At start-up
+`--shift-threshold` is not given and `--calibration` is, the engine asks the model (`costs.stage_time` on one step
+of each size in both modes) for that size, and a table of measured step times in the calibration file
+(`Calibration.shift_steps`) overrides the model; without a calibration file it uses 256. At start-up
 the engine also says what each mode costs in memory (`memory_line`).
 """
 
@@ -16,12 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from plait.config import EngineConfig, ModelConfig
-from plait.plan.calibration import Calibration, Curve, h200_defaults
+from plait.plan.calibration import Calibration, Curve
 from plait.plan.costs import rank_weights, stage_time, uses_graph
 from plait.plan.predict import EngineLimits
 from plait.plan.shapes import Layout, sequence_shards
 from plait.plan.workload import StepShape
 
+DEFAULT_THRESHOLD = 256  # without a calibration file: the value of the measured shift4 runs (README)
 PROBE_CONTEXT = 1024  # tokens each decoding sequence of a probe step has cached (attention costs the same in both modes)
 
 
@@ -106,7 +107,14 @@ def resolve_threshold(cfg: EngineConfig, m: ModelConfig, model_name: str, budget
     which it is and where it comes from."""
     if cfg.shift_threshold is not None:
         return cfg, f"shift threshold {cfg.shift_threshold} tokens (--shift-threshold)"
-    calib = Calibration.load(cfg.calibration) if cfg.calibration else h200_defaults()
+    if not cfg.calibration:
+        # The built-in figures' eager terms were fitted on TP runs only, and priced that way SP never wins for
+        # Llama-3-8B at SP4, against the measured shift4 run (TTFT 272 ms vs TP4's 332 at batch 64 x 512): the
+        # engine does not let them pick; `plait plan` still prints what they predict.
+        return cfg.replace(shift_threshold=DEFAULT_THRESHOLD), (
+            f"shift threshold {DEFAULT_THRESHOLD} tokens (default: no --calibration with measured or fitted figures "
+            f"for this machine)")
+    calib = Calibration.load(cfg.calibration)
     lim = EngineLimits(budget, cfg.max_num_seqs, itemsize, cfg.enforce_eager)
     sp, tp = cfg.sequence_parallel_size, cfg.tensor_parallel_size
     choice = choose_threshold(m, model_name, sp, tp, calib, lim)
