@@ -13,34 +13,36 @@ mkdir -p "$OUT"
 RUNS=$(mktemp -d)  # one JSON per run, merged into fused_norm_e2e.json (at most 8 files come back)
 exec > >(tee -a "$OUT/fused_norm.log") 2>&1
 SKIPPED=""
-run() {  # run NAME LIMIT_S COMMAND...: under min(LIMIT_S, time left), or skipped when less than half of it is left
+# run NAME LIMIT_S COMMAND...: under min(LIMIT_S, time left), or skipped when less than half of it is left; prints
+# the last $KEEP lines of its output. Never pipe a call: SKIPPED would be set in a subshell and lost.
+run() {
   local name=$1 limit=$2 left=$((BUDGET - SECONDS)); shift 2
   if [ "$left" -lt $((limit / 2)) ]; then echo "== $name: skipped ($left s left)"; SKIPPED="$SKIPPED $name"; return; fi
   echo "== $name ($SECONDS s)"
-  timeout $((left < limit ? left : limit)) "$@"
+  timeout $((left < limit ? left : limit)) "$@" 2>&1 | grep -v "^check" | tail -n "${KEEP:-60}"
 }
 
 run tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/gpu/test_fused_norm_gpu.py \
-  "tests/gpu/test_gpu.py::test_two_gpu_modes_match_single_rank" -k "tensor_parallel" 2>&1 | tail -4
+  "tests/gpu/test_gpu.py::test_two_gpu_modes_match_single_rank" -k "tensor_parallel or fused"
 run kernel 150 python3 benchmarks/fused_norm.py --gpus 2,4 --output-json "$OUT/fused_norm_kernel.json" \
-  --table plait/comm/fused_norm_table.json | grep -v "^check"
+  --table plait/comm/fused_norm_table.json
 cp plait/comm/fused_norm_table.json "$OUT/" 2>/dev/null
 B="python3 -m plait.cli bench latency llama3-8b --dtype bfloat16 --device cuda --tp 4 --num-iters 3"
 PREFILL="--batch-size 1 --output-len 2 --max-num-seqs 1 --max-num-batched-tokens 8192"
 for len in 8192 2048; do
   for mode in off on; do
-    run "prefill${len}_$mode" 60 $B $PREFILL --input-len $len --fused-allreduce-norm $mode \
-      --output-json "$RUNS/prefill${len}_$mode.json" | tail -1
+    KEEP=1 run "prefill${len}_$mode" 60 $B $PREFILL --input-len $len --fused-allreduce-norm $mode \
+      --output-json "$RUNS/prefill${len}_$mode.json"
   done
-  run "prefill${len}_split" 60 $B $PREFILL --input-len $len --fused-allreduce-norm on --token-split-overlap \
-    --output-json "$RUNS/prefill${len}_split.json" | tail -1
-  run "prefill${len}_nocomm" 60 $B $PREFILL --input-len $len --fused-allreduce-norm off --skip-all-reduce \
-    --output-json "$RUNS/prefill${len}_nocomm.json" | tail -1
+  KEEP=1 run "prefill${len}_split" 60 $B $PREFILL --input-len $len --fused-allreduce-norm on --token-split-overlap \
+    --output-json "$RUNS/prefill${len}_split.json"
+  KEEP=1 run "prefill${len}_nocomm" 60 $B $PREFILL --input-len $len --fused-allreduce-norm off --skip-all-reduce \
+    --output-json "$RUNS/prefill${len}_nocomm.json"
 done
 for bs in 1 64; do
   for mode in off auto; do
-    run "decode_bs${bs}_$mode" 70 $B --batch-size $bs --input-len 512 --output-len 64 --max-num-seqs 64 \
-      --fused-allreduce-norm $mode --output-json "$RUNS/decode_bs${bs}_$mode.json" | tail -1
+    KEEP=1 run "decode_bs${bs}_$mode" 70 $B --batch-size $bs --input-len 512 --output-len 64 --max-num-seqs 64 \
+      --fused-allreduce-norm $mode --output-json "$RUNS/decode_bs${bs}_$mode.json"
   done
 done
 python3 - "$OUT" "$SKIPPED" "$RUNS" <<'PY'
