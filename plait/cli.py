@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import sys
 import types
 import typing
@@ -132,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     from plait.bench.latency import add_args as add_latency_args
 
     add_latency_args(latency)
-    latency.set_defaults(func=_bench_latency)
+    latency.set_defaults(func=_engine_command("plait.bench.latency", "main"))
     bench_serve = bench.add_parser("serve", help="load an OpenAI-compatible server and print vLLM's serving metrics")
     add_bench_serve_args(bench_serve)
     bench_serve.set_defaults(func=_bench_serve)
@@ -141,32 +142,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _engine_command(module: str, name: str):
+    """The handler of a command that runs `module.name(args, engine config)`; the module is imported only when the
+    command runs, so `plait --help` stays fast."""
+    def handler(args: argparse.Namespace) -> int:
+        getattr(importlib.import_module(module), name)(args, engine_config_from_args(args))
+        return 0
+
+    return handler
+
+
 def _add_throughput(bench) -> None:
     from plait.bench.throughput import add_args, add_sweep_args
 
     throughput = bench.add_parser("throughput", help="every request at once, to completion: output tokens/s")
     add_engine_args(throughput)
     add_args(throughput)
-    throughput.set_defaults(func=_bench_throughput)
+    throughput.set_defaults(func=_engine_command("plait.bench.throughput", "main"))
     tp_sweep = bench.add_parser("tp-sweep", help="throughput at TP = 1, 2, 4 ... over a fixed number of GPUs "
                                                  "(replicas = GPUs / TP): the best degree t_e")
     add_engine_args(tp_sweep)
     add_sweep_args(tp_sweep)
-    tp_sweep.set_defaults(func=_bench_tp_sweep)
-
-
-def _bench_throughput(args: argparse.Namespace) -> int:
-    from plait.bench.throughput import main as throughput_main
-
-    throughput_main(args, engine_config_from_args(args))
-    return 0
-
-
-def _bench_tp_sweep(args: argparse.Namespace) -> int:
-    from plait.bench.throughput import sweep
-
-    sweep(args, engine_config_from_args(args))
-    return 0
+    tp_sweep.set_defaults(func=_engine_command("plait.bench.throughput", "sweep"))
 
 
 def _add_comm(sub) -> None:
@@ -178,20 +175,13 @@ def _add_comm(sub) -> None:
     profile = sub.add_parser("profile", help="one fixed batch with every collective recorded and checked against the model")
     add_engine_args(profile)
     add_profile_args(profile)
-    profile.set_defaults(func=_profile)
+    profile.set_defaults(func=_engine_command("plait.bench.comm_profile", "main"))
     calibrate = sub.add_parser("calibrate", help="measure collectives, matrix rate and bandwidth into a calibration file")
     add_calibrate_args(calibrate)
     calibrate.set_defaults(func=_calibrate)
     plan = sub.add_parser("plan", help="predict and rank every TP x PP x DP layout of a model over N GPUs")
     add_plan_args(plan)
     plan.set_defaults(func=_plan)
-
-
-def _profile(args: argparse.Namespace) -> int:
-    from plait.bench.comm_profile import main as profile_main
-
-    profile_main(args, engine_config_from_args(args))
-    return 0
 
 
 def _calibrate(args: argparse.Namespace) -> int:
@@ -204,13 +194,6 @@ def _plan(args: argparse.Namespace) -> int:
     from plait.plan.command import main as plan_main
 
     return plan_main(args)
-
-
-def _bench_latency(args: argparse.Namespace) -> int:
-    from plait.bench.latency import main as latency_main
-
-    latency_main(args, engine_config_from_args(args))
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
