@@ -109,3 +109,16 @@ def check_state(sched) -> None:
     owners = {seq.seq_id for seq in sched.running}
     assert set(sched.blocks.tables) <= owners, "a sequence that is not running holds blocks"
     assert len(sched.running) <= sched.cfg.max_num_seqs
+
+
+def assert_generations_match(prompts: list[list[int]], outs, reference, atol: float) -> None:
+    """Greedy tokens equal the reference's, generated and prompt logprobs within `atol`.
+    reference(prompt) -> (tokens, generated logprobs, prompt logprobs from the second token on)."""
+    for prompt, out in zip(prompts, outs, strict=True):
+        tokens, gen_lps, prompt_lps = reference(prompt)
+        comp = out.outputs[0]
+        assert comp.token_ids == tokens
+        ours = torch.tensor([comp.logprobs[i][t].logprob for i, t in enumerate(tokens)])
+        torch.testing.assert_close(ours, gen_lps, atol=atol, rtol=0)
+        ours_prompt = torch.tensor([out.prompt_logprobs[i][t].logprob for i, t in enumerate(prompt) if i > 0])
+        torch.testing.assert_close(ours_prompt, prompt_lps, atol=atol, rtol=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import FAMILIES, random_prompts
+from conftest import FAMILIES, assert_generations_match, random_prompts
 from plait import LLM, SamplingParams
 
 
@@ -25,14 +25,7 @@ def hf_reference(model, prompt: list[int], max_tokens: int):
 def assert_matches_hf(llm: LLM, model, prompts: list[list[int]], max_tokens: int) -> None:
     params = SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=0, prompt_logprobs=0, ignore_eos=True)
     outs = llm.generate(prompts, params, use_tqdm=False)
-    for prompt, out in zip(prompts, outs):
-        tokens, gen_lps, prompt_lps = hf_reference(model, prompt, max_tokens)
-        comp = out.outputs[0]
-        assert comp.token_ids == tokens
-        ours = torch.tensor([comp.logprobs[i][t].logprob for i, t in enumerate(tokens)])
-        torch.testing.assert_close(ours, gen_lps, atol=1e-3, rtol=0)
-        ours_prompt = torch.tensor([out.prompt_logprobs[i][t].logprob for i, t in enumerate(prompt) if i > 0])
-        torch.testing.assert_close(ours_prompt, prompt_lps, atol=1e-3, rtol=0)
+    assert_generations_match(prompts, outs, lambda prompt: hf_reference(model, prompt, max_tokens), atol=1e-3)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

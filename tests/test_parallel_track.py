@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import random_prompts
+from conftest import assert_generations_match, random_prompts
 from plait import LLM, SamplingParams
 from plait.comm.communicator import Communicator
 from plait.config import ParallelConfig
@@ -82,14 +82,7 @@ def test_pt_matches_the_reference(pt_models, name, ranks, budget):
         outs = llm.generate(prompts, params, use_tqdm=False)
     finally:
         llm.shutdown()
-    for prompt, out in zip(prompts, outs, strict=True):
-        tokens, gen_lps, prompt_lps = reference(model, prompt, MAX_TOKENS)
-        comp = out.outputs[0]
-        assert comp.token_ids == tokens
-        ours = torch.tensor([comp.logprobs[i][t].logprob for i, t in enumerate(tokens)])
-        torch.testing.assert_close(ours, gen_lps, atol=1e-4, rtol=0)
-        ours_prompt = torch.tensor([out.prompt_logprobs[i][t].logprob for i, t in enumerate(prompt) if i > 0])
-        torch.testing.assert_close(ours_prompt, prompt_lps, atol=1e-4, rtol=0)
+    assert_generations_match(prompts, outs, lambda prompt: reference(model, prompt, MAX_TOKENS), atol=1e-4)
 
 
 def plait_logits(folder: str, comm: Communicator, ids: list[int]) -> torch.Tensor:
