@@ -63,7 +63,7 @@ class ModelRunner:
                 if not ok and cfg.all_reduce_backend == "symm_mem":
                     raise ValueError("all_reduce_backend='symm_mem' was asked for but symmetric memory is unavailable here")
             group.skip_all_reduce = cfg.skip_all_reduce
-        if self.device.type == "cuda" and getattr(self.plan, "defer_reduce", False):
+        if self.device.type == "cuda" and self.plan.defer_reduce:
             tokens = max(max_num_batched_tokens, cfg.max_num_seqs)  # prefill steps and decode graph buckets
             ok = self.comm.enable_fused_norm(tokens, self.model_cfg.hidden_size, self.dtype, self.device,
                                              forced=cfg.fused_allreduce_norm == "on")
@@ -71,7 +71,7 @@ class ModelRunner:
                 raise ValueError("fused_allreduce_norm='on' was asked for but symmetric memory is unavailable here "
                                  f"(or the group of {self.comm.size} ranks is not a power of two)")
         self.overlap = (TokenSplitOverlap(self.comm, self.device, cfg.overlap_min_tokens)
-                        if cfg.token_split_overlap and getattr(self.plan, "defer_reduce", False) else None)
+                        if cfg.token_split_overlap and self.plan.defer_reduce else None)
         self.mirrors: dict[int, tuple[list[int], object, int]] = {}  # seq_id -> (tokens, params, prompt_len)
         # Profiling records every collective; a replayed graph runs no Python, so profiling runs eager.
         comms = [ctx.tp, ctx.sp, ctx.stage_group, ctx.pipe]
