@@ -52,6 +52,7 @@ class SequenceGrid:
 
 class SequenceParallel:
     defer_reduce = False  # each row-parallel layer reduces its own sum: the norm after it never does
+
     def __init__(self, sp: Communicator, tp: Communicator, stage: Communicator, shift_threshold: int | None = None):
         """sp: this rank's SP group (same weights, other tokens); tp: its TP group (same tokens, other weights), over
         which SP-mode partial sums are reduced; stage: all S*T ranks, over which a shifted step reduces.
