@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Issues 4, 5 and 8 in one device call on nvidia-h200-x4: `plait serve` (Llama-3.1-8B shape, dummy weights, bf16) in
+# Issues 4, 5 and 8 in one device call on nvidia-h200-x4 (G = 4 GPUs; on fewer, G = the GPUs there, and on one GPU
+# only the tp1 layout runs): `plait serve` (Llama-3.1-8B shape, dummy weights, bf16) in
 # each parallel layout of 4 GPUs, loaded by `plait bench serve` on loopback with the same workloads:
 #   low512, low4096  one request at a time (3 each), 512 / 4096 tokens in, 256 out: TTFT, TPOT, completion time
 #   sat              saturation: 256 requests, 128 in flight, 512 in / 128 out: throughput
 #   trace            benchmarks/serving_trace.jsonl replayed by timestamp (Poisson + bursts, long-tailed inputs)
-#   rate             TP=4 only (issue 4): 200 random requests at 20/s, at most 32 in flight, goodput, plots
+#   rate             TP=G only (issue 4): 200 random requests at 20/s, at most 32 in flight, goodput, plots
 # Layouts in order of value: tp4 shift4 (SP4 <-> TP4) dp4 sp4 pp4 tp2pp2 sp2tp2, each one server start (~30-60 s)
 # and its workloads (~50 s, tp4 ~65 s). Inside the 560 s budget a layout starts only with 75 s left (plus 15 for the
 # report), a workload only with half its 60 s limit left; what does not fit is skipped and named in the result, so a
@@ -39,7 +40,8 @@ if [ -n "${DRY_RUN:-}" ]; then  # the same sections on CPU: plumbing only
   $PY benchmarks/serving_trace.py "$TRACE" --duration 2 --rate 2 --bursts 1 --burst-size 3 --input-median 24 \
     --input-max 128 --output-median 6 --output-max 8
 else
-  G=4 MODEL=llama3-8b ENGINE="--device cuda --dtype bfloat16 --max-model-len 8192"
+  G=${G:-$($PY -c 'import torch; print(min(4, torch.cuda.device_count()))')}
+  MODEL=llama3-8b ENGINE="--device cuda --dtype bfloat16 --max-model-len 8192"
   LOW_IN="512 4096" LOW_N=3 LOW_OUT=256
   SAT="--num-prompts 256 --max-concurrency 128 --random-input-len 512 --random-output-len 128"
   RATE="--num-prompts 200 --request-rate 20 --max-concurrency 32 --random-input-len 512 --random-output-len 128"
@@ -56,9 +58,14 @@ if [ ! -d "$TOKENIZER" ]; then
 fi
 ENGINE="$MODEL --tokenizer $TOKENIZER $ENGINE --max-num-seqs 128 --max-num-batched-tokens 8192"
 H=$((G / 2))
-declare -A LAYOUT=([tp$G]="--tp $G" [shift$G]="--sp $G --shift" [dp$G]="--dp $G" [sp$G]="--sp $G"
-                   [sp2tp$H]="--sp 2 --tp $H" [tp${H}pp2]="--tp $H --pp 2" [pp$G]="--pp $G")
-SECTIONS=${*:-tp$G shift$G dp$G sp$G pp$G tp${H}pp2 sp2tp$H}
+declare -A LAYOUT=([tp$G]="--tp $G")
+if [ "$G" -gt 1 ]; then
+  LAYOUT+=([shift$G]="--sp $G --shift" [dp$G]="--dp $G" [sp$G]="--sp $G" [sp2tp$H]="--sp 2 --tp $H"
+           [tp${H}pp2]="--tp $H --pp 2" [pp$G]="--pp $G")
+  SECTIONS=${*:-tp$G shift$G dp$G sp$G pp$G tp${H}pp2 sp2tp$H}
+else  # one GPU: the server at TP=1 only (issue 4)
+  SECTIONS=${*:-tp1}
+fi
 
 run() {  # run NAME LIMIT_S COMMAND...: under min(LIMIT_S, time left), or skipped when less than half of it is left
   local name=$1 limit=$2 left=$((BUDGET - SECONDS)); shift 2

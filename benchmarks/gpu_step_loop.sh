@@ -20,6 +20,14 @@ ON="--async-scheduling --async-output-proc"
 ON_TP="--async-scheduling --async-output-proc --sampling-parallel"
 SKIPPED=""
 
+NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+
+# need GPUS NAME: true when the machine has GPUS GPUs, else records NAME as skipped
+need() {
+  [ "$NGPU" -ge "$1" ] && return 0
+  echo "== $2: skipped (needs $1 GPUs, have $NGPU)"; SKIPPED="$SKIPPED $2"; return 1
+}
+
 # run NAME LIMIT_S COMMAND...: runs under min(LIMIT_S, what is left) when at least half of LIMIT_S is left, else
 # records NAME as skipped
 run() {
@@ -35,27 +43,27 @@ for section in $SECTIONS; do
   case $section in
   gap)  # GPU idle between decode steps (CUDA events on every rank), Llama-3.1-8B shape
     L="$P bench latency llama3-8b --dtype bfloat16 --device cuda --num-iters 2"
-    run gap_tp4_bs64_off 100 $L --tp 4 --batch-size 64 --input-len 512 --output-len 64 --max-num-seqs 64 $OFF
-    run gap_tp4_bs64_on 100 $L --tp 4 --batch-size 64 --input-len 512 --output-len 64 --max-num-seqs 64 $ON_TP
+    need 4 gap_tp4_bs64_off && run gap_tp4_bs64_off 100 $L --tp 4 --batch-size 64 --input-len 512 --output-len 64 --max-num-seqs 64 $OFF
+    need 4 gap_tp4_bs64_on && run gap_tp4_bs64_on 100 $L --tp 4 --batch-size 64 --input-len 512 --output-len 64 --max-num-seqs 64 $ON_TP
     run gap_tp1_bs1_off 70 $L --batch-size 1 --input-len 128 --output-len 128 --max-num-seqs 8 $OFF
     run gap_tp1_bs1_on 70 $L --batch-size 1 --input-len 128 --output-len 128 --max-num-seqs 8 $ON
     ;;
   sampling)  # TP=4, Qwen2.5's 152k vocabulary, batch 256
-    run sampling_tp4_bs256 90 python3 benchmarks/spread_sampling.py --gpus 4 --batch-size 256
+    need 4 sampling_tp4_bs256 && run sampling_tp4_bs256 90 python3 benchmarks/spread_sampling.py --gpus 4 --batch-size 256
     ;;
   throughput)  # where host work matters most: SmolLM2 on one GPU, Llama-3.2-1B at TP=2
     T="$P bench throughput --dtype bfloat16 --device cuda --num-prompts 512 --input-len 64 --output-len 128 --max-num-seqs 256"
     run throughput_smollm2_tp1_off 70 $T smollm2-135m $OFF
     run throughput_smollm2_tp1_on 70 $T smollm2-135m $ON
-    run throughput_llama1b_tp2_off 80 $T llama3.2-1b --tp 2 $OFF
-    run throughput_llama1b_tp2_on 80 $T llama3.2-1b --tp 2 $ON_TP
+    need 2 throughput_llama1b_tp2_off && run throughput_llama1b_tp2_off 80 $T llama3.2-1b --tp 2 $OFF
+    need 2 throughput_llama1b_tp2_on && run throughput_llama1b_tp2_on 80 $T llama3.2-1b --tp 2 $ON_TP
     ;;
   te8b | te32b)
     model=$([ "$section" = te8b ] && echo llama3-8b || echo qwen2.5-32b)
     S="$P bench tp-sweep $model --dtype bfloat16 --device cuda --gpus 4 --tp-sizes 1,2,4 --num-prompts 512 \
        --input-len 256 --output-len 128 --max-num-seqs 128"
-    run "${section}_off" 300 $S $OFF
-    run "${section}_on" 300 $S $ON_TP
+    need 4 "${section}_off" && run "${section}_off" 300 $S $OFF
+    need 4 "${section}_on" && run "${section}_on" 300 $S $ON_TP
     run "${section}_plan" 60 $P plan $model --gpus 4 --input-len 256 --output-len 128 --max-num-seqs 128 --goal throughput
     ;;
   *) echo "unknown section $section"; SKIPPED="$SKIPPED $section" ;;

@@ -35,6 +35,8 @@ class PendingResult:
     def __init__(self, seq_ids: list[int], out: SampleOutput | None, prompt: dict[int, LogprobTensors],
                  device: torch.device):
         self.seq_ids = seq_ids
+        # The sampled ids where they were made: the next step's inputs read them there (asynchronous scheduling).
+        self.tokens = out.tokens if out is not None else None
         self.event = torch.cuda.Event() if device.type == "cuda" else None
         host = _to_host if self.event is not None else (lambda t: t)
         if out is not None:
@@ -97,7 +99,7 @@ class StepSampler:
             return self._spread(order, logits, sample_rows, prompt_spans, mirrors)
         seq_ids = list(sample_rows)
         result = self._sample(logits, sample_rows, prompt_spans, mirrors) if self.answers else None
-        tokens = result.out.tokens if result is not None and result.out is not None else None
+        tokens = result.tokens if result is not None else None
         if self.share_tokens and seq_ids:
             if tokens is None:
                 tokens = torch.empty(len(seq_ids), dtype=torch.long, device=self.device)
@@ -164,7 +166,7 @@ class StepSampler:
             counts = [sum(s in sample_rows for s in share) for share in shares]
             if sum(counts):
                 empty = torch.empty(0, dtype=torch.long, device=self.device)
-                tokens = self.comm.all_gather(result.out.tokens if result.out is not None else empty, counts, dim=0)
+                tokens = self.comm.all_gather(result.tokens if result.tokens is not None else empty, counts, dim=0)
                 self.sampled.keep([s for share in shares for s in share if s in sample_rows], tokens)
         return result
 

@@ -101,7 +101,9 @@ def paged_decode(
     in a CUDA graph. `q_first[j]`/`q_count[j]`: the local query heads that read local KV head j."""
     B, H, D = q.shape
     _, block_size, num_kv, _ = k_cache.shape
-    o_part = torch.empty(B, H, num_splits, D, dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q)
+    # One split needs no merge: the kernel writes the output itself (its store casts to the output's dtype).
+    o_part = out.unsqueeze(2) if num_splits == 1 else torch.empty(B, H, num_splits, D, dtype=torch.float32, device=q.device)
     lse = torch.empty(B, H, num_splits, dtype=torch.float32, device=q.device)
     _decode[(B, num_kv, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, q_first, q_count, o_part, lse,
@@ -111,10 +113,10 @@ def paged_decode(
         BLOCK_SIZE=block_size, D=D, DP=_padded(D), G=max(16, triton.next_power_of_2(max_group)), NUM_SPLITS=num_splits,
         PRECISION=_precision(q), **({"BLOCK_N": 32} if _INTERPRET else {}),
     )
-    out = torch.empty_like(q)
-    _merge_splits_kernel[(B, H)](o_part, lse, out, o_part.stride(0), o_part.stride(1), o_part.stride(2),
-                                 lse.stride(0), lse.stride(1), out.stride(0), out.stride(1), D=D, DP=_padded(D),
-                                 NUM_SPLITS=num_splits)
+    if num_splits > 1:
+        _merge_splits_kernel[(B, H)](o_part, lse, out, o_part.stride(0), o_part.stride(1), o_part.stride(2),
+                                     lse.stride(0), lse.stride(1), out.stride(0), out.stride(1), D=D, DP=_padded(D),
+                                     NUM_SPLITS=num_splits)
     return out
 
 

@@ -96,7 +96,25 @@ MULTI_GPU = [
     pytest.param(dict(sequence_parallel_size=2, tensor_parallel_size=2, shift_parallel=True, shift_threshold=8),
                  marks=pytest.mark.skipif(torch.cuda.device_count() < 4, reason="needs 4 GPUs")),
     dict(tensor_parallel_size=2, all_reduce_backend="nccl"),
+    dict(tensor_parallel_size=2, async_scheduling=True, async_output_proc=True, sampling_parallel=True),
 ]
+
+
+def assert_runs_match(ref, ours) -> None:
+    """Same tokens; the chosen tokens' logprobs within fp32 noise."""
+    for a, b in zip(ref, ours):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        la = torch.tensor([p[t].logprob for p, t in zip(a.outputs[0].logprobs, a.outputs[0].token_ids)])
+        lb = torch.tensor([p[t].logprob for p, t in zip(b.outputs[0].logprobs, b.outputs[0].token_ids)])
+        torch.testing.assert_close(la, lb, atol=1e-3, rtol=0)
+
+
+@needs_cuda
+@pytest.mark.parametrize("kw", [dict(async_scheduling=True), dict(async_scheduling=True, async_output_proc=True)],
+                         ids=["async", "async+output-thread"])
+def test_async_step_loop_matches_sync(checkpoint, single_rank_fp32, kw):
+    """On the GPU the sampled tokens stay on the device and feed the next step's graph: the same generations."""
+    assert_runs_match(single_rank_fp32, _fp32_run(checkpoint[0], **kw))
 
 
 @needs_cuda
@@ -105,8 +123,4 @@ MULTI_GPU = [
 def test_two_gpu_modes_match_single_rank(checkpoint, single_rank_fp32, kw):
     """TP (symmetric-memory and NCCL all-reduce, fused into the norm or not, in CUDA graphs), PP, DP, SP and Shift
     over 2 GPUs (and TP=4 with the fused op, SP=2 x TP=2 with Shift, where 4 exist), fp32, against one GPU."""
-    for a, b in zip(single_rank_fp32, _fp32_run(checkpoint[0], **kw)):
-        assert a.outputs[0].token_ids == b.outputs[0].token_ids
-        la = torch.tensor([p[t].logprob for p, t in zip(a.outputs[0].logprobs, a.outputs[0].token_ids)])
-        lb = torch.tensor([p[t].logprob for p, t in zip(b.outputs[0].logprobs, b.outputs[0].token_ids)])
-        torch.testing.assert_close(la, lb, atol=1e-3, rtol=0)
+    assert_runs_match(single_rank_fp32, _fp32_run(checkpoint[0], **kw))
