@@ -17,6 +17,7 @@
 #     --platform manylinux2014_x86_64 -d .whl          # the server's packages that the device's image lacks
 #   .venv/bin/python benchmarks/serving_tokenizer.py llama3-8b .tok/llama3-8b    # a preset has no tokenizer
 # Device: run(kind="nvidia-h200-x4", carry=[".whl", ".tok"], timeout_s=600, command="bash benchmarks/gpu_serving.sh")
+# ENGINE_FLAGS="--async-scheduling ..." adds engine flags to every server.
 # Results: $OUT/serving.json (every run by layout and workload, issue 8's targets met or missed, what was skipped or
 # failed), serving.log, serving.png (TPOT against throughput; the trace's p99 completion time), tp4_rate-*.png.
 # CPU dry run of the plumbing (smollm2-135m dummy weights on 2 ranks, tiny workloads; not a measurement; ~10 min):
@@ -56,7 +57,7 @@ if [ ! -d "$TOKENIZER" ]; then
   if [ -n "${DRY_RUN:-}" ]; then $PY benchmarks/serving_tokenizer.py "$MODEL" "$TOKENIZER"
   else echo "$TOKENIZER is missing: make it with benchmarks/serving_tokenizer.py and carry .tok"; exit 1; fi
 fi
-ENGINE="$MODEL --tokenizer $TOKENIZER $ENGINE --max-num-seqs 128 --max-num-batched-tokens 8192"
+ENGINE="$MODEL --tokenizer $TOKENIZER $ENGINE --max-num-seqs 128 --max-num-batched-tokens 8192 ${ENGINE_FLAGS:-}"
 H=$((G / 2))
 declare -A LAYOUT=([tp$G]="--tp $G")
 if [ "$G" -gt 1 ]; then
