@@ -15,7 +15,7 @@ exec > >(tee -a "$OUT/step_loop.log") 2>&1
 SECTIONS=${*:-gap sampling throughput te8b te32b}
 BUDGET=${BUDGET:-580}
 P="python3 -m plait.cli"
-OFF=""
+OFF="--no-async-scheduling"  # asynchronous scheduling is on by default on the GPU
 ON="--async-scheduling --async-output-proc"
 ON_TP="--async-scheduling --async-output-proc --sampling-parallel"
 SKIPPED=""

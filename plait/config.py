@@ -205,9 +205,12 @@ class EngineConfig:
     overlap_min_tokens: int = _help("Smallest step the token-split overlap splits.", default=1024)
     skip_all_reduce: bool = _help("Benchmarks only: every tensor-parallel all-reduce returns its input unreduced, "
                                   "so a step costs what it would without communication (wrong outputs).", default=False)
-    enforce_eager: bool = _help("Never replay decode steps from CUDA graphs.", default=False)
-    async_scheduling: bool = _help("Plan step N+1 while the ranks run step N; sampled tokens feed the next step on "
-                                   "the device and reach the host a step later (docs/step_loop.md).", default=False)
+    enforce_eager: bool = _help("Never replay steps from CUDA graphs.", default=False)
+    max_prefill_graph_tokens: int = _help("Longest new prompt whose prefill (alone in its step) replays from a CUDA "
+                                          "graph: short prefills are launch-bound (0: always eager).", default=512)
+    async_scheduling: bool | None = _help("Plan step N+1 while the ranks run step N; sampled tokens feed the next step "
+                                          "on the device and reach the host a step later (docs/step_loop.md). "
+                                          "Default: on with a GPU and one pipeline stage, else off.", default=None)
     async_output_proc: bool = _help("Detokenize and check stop strings on a thread behind the step loop; outputs "
                                     "come a step later.", default=False)
     sampling_parallel: bool = _help("Each tensor-parallel rank samples its share of the batch from vocab-parallel "
@@ -280,7 +283,7 @@ class EngineConfig:
                 f"async_scheduling needs pipeline_parallel_size 1, got {self.pipeline_parallel_size}: with stages, "
                 f"one plan per micro-batch is already in flight while the driver plans the next"
             )
-        for name, low in (("max_num_seqs", 1), ("block_size", 1)):
+        for name, low in (("max_num_seqs", 1), ("block_size", 1), ("max_prefill_graph_tokens", 0)):
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -310,6 +313,12 @@ class EngineConfig:
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' was asked for but torch sees no CUDA device; use device='cpu'")
         return self.device
+
+    def resolved_async_scheduling(self) -> bool:
+        """On by default where it was measured to pay: on the GPU the host plans while the device computes."""
+        if self.async_scheduling is None:
+            return self.resolved_device() == "cuda" and self.pipeline_parallel_size == 1
+        return self.async_scheduling
 
     def resolved_attention_backend(self) -> str:
         if self.attention_backend == "auto":

@@ -29,7 +29,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-iters-warmup", type=int, default=1)
     parser.add_argument("--output-json", default=None, help="write the result here (default: print only)")
     parser.add_argument("--profile", action="store_true",
-                        help="one more run under torch.profiler: the top GPU kernels of the decode steps (TP=1 only)")
+                        help="one more run under torch.profiler: its top GPU kernels and host operations (TP=1 only)")
 
 
 def _sync(device: str) -> None:
@@ -59,19 +59,24 @@ def run_once(engine: LLMEngine, args, device: str) -> tuple[float, list[float]]:
     return ttft, steps
 
 
-def profile_decode(engine: LLMEngine, args, device: str) -> list[dict]:
-    """Kernel time of the decode steps of one batch, and the step's wall time: where a step's time goes."""
+def profile_decode(engine: LLMEngine, args, device: str) -> dict[str, list[dict]]:
+    """One batch under torch.profiler: the top kernels by device time (where the GPU's time goes) and the top
+    host operations by their own CPU time (where a host-bound step's time goes)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
         run_once(engine, args, device)
-    events = sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)[:20]
-    rows = [{"name": e.key[:80], "calls": e.count, "device_ms": e.self_device_time_total / 1e3, "cpu_ms": e.cpu_time_total / 1e3}
-            for e in events]
-    for r in rows:
-        print(f"  {r['device_ms']:9.2f} ms  {r['calls']:6d}x  {r['name']}")
-    return rows
+    events = prof.key_averages()
+    tables = {}
+    for name, key in (("device", "self_device_time_total"), ("host", "self_cpu_time_total")):
+        top = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:20]
+        tables[name] = [{"name": e.key[:80], "calls": e.count, "device_ms": e.self_device_time_total / 1e3,
+                         "self_cpu_ms": e.self_cpu_time_total / 1e3} for e in top]
+        print(f"  top by {name} time:")
+        for r in tables[name]:
+            print(f"  {r['device_ms']:9.2f} ms device  {r['self_cpu_ms']:9.2f} ms host  {r['calls']:6d}x  {r['name']}")
+    return tables
 
 
 def parallel_label(cfg: EngineConfig) -> str:
@@ -93,6 +98,8 @@ def _p(values: list[float], q: float) -> float:
 
 
 def main(args: argparse.Namespace, cfg: EngineConfig) -> dict:
+    if args.output_len < 2:
+        raise ValueError(f"--output-len must be at least 2 (got {args.output_len}): TPOT is timed over decode steps")
     cfg = cfg.replace(max_num_seqs=max(cfg.max_num_seqs, args.batch_size),
                       max_num_batched_tokens=max(cfg.max_num_batched_tokens or 0, args.batch_size * args.input_len),
                       max_model_len=cfg.max_model_len or args.input_len + args.output_len + 16)
@@ -143,6 +150,7 @@ def _report(engine, args, cfg, device, ttfts, tpots) -> dict:
         "model_shape": {k: getattr(m, k) for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "vocab_size")},
         "tensor_parallel_size": cfg.tensor_parallel_size,
         "parallel": parallel_label(cfg),
+        "async_scheduling": cfg.resolved_async_scheduling(), "async_output_proc": cfg.async_output_proc,
         "dtype": str(cfg.torch_dtype()).removeprefix("torch."),
         "batch_size": args.batch_size, "input_len": args.input_len, "output_len": args.output_len,
         "ttft_ms": {"median": statistics.median(ttfts) * 1e3, "p90": _p(ttfts, 0.9) * 1e3},

@@ -66,7 +66,7 @@ def measure(cfg: EngineConfig, args) -> dict:
 
 def _setup(cfg: EngineConfig, args) -> dict:
     return {"model": cfg.model, "dtype": cfg.dtype, "num_prompts": args.num_prompts, "input_len": args.input_len,
-            "output_len": args.output_len, "async_scheduling": cfg.async_scheduling,
+            "output_len": args.output_len, "async_scheduling": cfg.resolved_async_scheduling(),
             "async_output_proc": cfg.async_output_proc, "sampling_parallel": cfg.sampling_parallel}
 
 

@@ -1,10 +1,11 @@
-"""Decode steps replayed from CUDA graphs, one graph per batch-size bucket.
+"""Steps replayed from CUDA graphs: decode steps per batch-size bucket, short fresh prompts per length bucket.
 
-A decode step launches hundreds of small kernels; replaying them from a graph removes the CPU launch cost,
-which at batch 1 is larger than the GPU work. Every input lives in a static buffer the graph reads; a step
-of B sequences runs the smallest bucket >= B, its padding rows pointing at a scratch KV block that no
-sequence owns, so they write and read nothing that matters. Collectives are captured inside the graphs, so
-every rank must capture the same buckets in the same order (they do: the buckets depend only on config).
+A decode step, or the prefill of a short prompt, launches hundreds of small kernels; replaying them from a graph
+removes the CPU launch cost, which there is larger than the GPU work (Llama-3.1-8B on an H200: a 128-token
+prefill is ~4 ms of kernels and ~14 ms launched eagerly). Every input lives in a static buffer the graph reads;
+a step runs the smallest bucket that holds it, its padding pointing at a scratch KV block that no sequence owns,
+so it writes and reads nothing that matters. Collectives are captured inside the graphs, so every rank must
+capture the same buckets in the same order (they do: the buckets depend only on config).
 """
 
 from __future__ import annotations
@@ -43,27 +44,70 @@ def decode_splits(batch: int, kv_heads: int, max_model_len: int, sms: int) -> in
     return splits
 
 
-class DecodeGraphs:
-    def __init__(self, model, max_batch: int, max_model_len: int, block_size: int, scratch_block: int, device):
-        self.model, self.block_size, self.scratch = model, block_size, scratch_block
-        self.max_blocks = -(-max_model_len // block_size)
-        self.buckets = graph_buckets(max_batch)
-        n = self.n = self.buckets[-1]
-        # Every input in one flat buffer: [ids | positions | slots | seq_lens | block tables], so a step is one copy
-        # from one pinned host buffer. Padding rows are filled on the host too: no device work before the replay.
-        self.buf = torch.zeros(n * (4 + self.max_blocks), dtype=torch.long, device=device)
+class _GraphSet:
+    """One graph per bucket, all reading one flat device buffer that a step fills with one copy from a pinned host
+    buffer. Subclasses say what a bucket runs (`_forward`) and how a step fills the host buffer (`_fill`)."""
+
+    def __init__(self, model, buckets: list[int], width: int, device):
+        self.model, self.buckets = model, buckets
+        self.buf = torch.zeros(width, dtype=torch.long, device=device)
         self.host = torch.zeros_like(self.buf, device="cpu").pin_memory()
         self.host_np = self.host.numpy()
-        self.host_tables = self.host[4 * n :].view(n, self.max_blocks)
         self.copied = torch.cuda.Event()
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+
+    def _forward(self, b: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _fill(self, x: StepInputs) -> None:
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def capture(self, pool) -> None:
+        """Largest bucket first, so the smaller graphs reuse its memory in the shared pool."""
+        self._fill(StepInputs([], [], [], [], [], []))
+        self.buf.copy_(self.host)
+        for b in reversed(self.buckets):
+            self._forward(b)  # warm-up: Triton compiles and tunes, NCCL sets up, outside capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.logits[b] = self._forward(b)
+            self.graphs[b] = graph
+        torch.cuda.synchronize()
+
+    def bucket_for(self, n: int) -> int | None:
+        return next((b for b in self.buckets if b >= n), None)
+
+    def _load(self, x: StepInputs) -> None:
+        """Fill the host buffer once the previous step's copy has left it, and queue this step's copy."""
+        self.copied.synchronize()
+        self._fill(x)
+        self._copy()
+        self.copied.record()
+
+    def _copy(self) -> None:
+        self.buf.copy_(self.host, non_blocking=True)
+
+
+class DecodeGraphs(_GraphSet):
+    def __init__(self, model, max_batch: int, max_model_len: int, block_size: int, scratch_block: int, device):
+        self.block_size, self.scratch = block_size, scratch_block
+        self.max_blocks = -(-max_model_len // block_size)
+        buckets = graph_buckets(max_batch)
+        n = self.n = buckets[-1]
+        # [ids | positions | slots | seq_lens | block tables]; padding rows are filled on the host too: no device
+        # work before the replay.
+        super().__init__(model, buckets, n * (4 + self.max_blocks), device)
+        self.host_tables = self.host[4 * n :].view(n, self.max_blocks)
         self.ids, self.positions, self.slots, self.seq_lens = self.buf[: 4 * n].view(4, n)
         self.tables = self.buf[4 * n :].view(n, self.max_blocks)
         self.query_start = torch.arange(n + 1, dtype=torch.long, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
         attn = model.attention_layers()[0]
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         self.splits = {b: decode_splits(b, attn.num_kv_heads, max_model_len, sms) for b in self.buckets}
+        self.width = 1
 
     def _meta(self, b: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -76,23 +120,6 @@ class DecodeGraphs:
         hidden = self.model(self.ids[:b], self.positions[:b], self._meta(b))
         return self.model.compute_logits(hidden)
 
-    @torch.inference_mode()
-    def capture(self) -> None:
-        self._fill(StepInputs([], [], [], [], [], []))
-        self.buf.copy_(self.host)
-        pool = torch.cuda.graph_pool_handle()
-        for b in reversed(self.buckets):  # largest first, so smaller graphs reuse its memory pool
-            self._forward(b)  # warm-up: Triton compiles and tunes, NCCL sets up, outside capture
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.logits[b] = self._forward(b)
-            self.graphs[b] = graph
-        torch.cuda.synchronize()
-
-    def bucket_for(self, n: int) -> int | None:
-        return next((b for b in self.buckets if b >= n), None)
-
     def _fill(self, x: StepInputs) -> None:
         """Write the step (and padding rows that point at the scratch block) into the pinned host buffer."""
         n, k, h = len(x.ids), self.n, self.host_np
@@ -104,19 +131,61 @@ class DecodeGraphs:
         for i, t in enumerate(x.tables):
             tables[i, : len(t)] = t
         tables[n:, 0] = self.scratch
+        self.width = max((len(t) for t in x.tables), default=1)
+
+    def _copy(self) -> None:
+        k = self.n  # only the used columns of the tables travel
+        self.buf[: 4 * k].copy_(self.host[: 4 * k], non_blocking=True)
+        self.tables[:, : self.width].copy_(self.host_tables[:, : self.width], non_blocking=True)
 
     def run(self, x: StepInputs, fill: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """B decode rows -> logits [B, vocab]. `fill(ids)` overwrites placeholder ids on the device (in place)
         after the copy and before the replay: the tokens sampled last step, which the host does not know yet."""
-        self.copied.synchronize()  # the previous step's copy has left the host buffer
-        self._fill(x)
-        width = max(len(t) for t in x.tables)  # only the used columns of the tables travel
-        k = self.n
-        self.buf[: 4 * k].copy_(self.host[: 4 * k], non_blocking=True)
-        self.tables[:, :width].copy_(self.host_tables[:, :width], non_blocking=True)
-        self.copied.record()
+        self._load(x)
         if fill is not None:
             fill(self.ids[: len(x.ids)])
         b = self.bucket_for(len(x.ids))
         self.graphs[b].replay()
         return self.logits[b][: len(x.ids)]
+
+
+def prefill_buckets(max_tokens: int) -> list[int]:
+    return [b for b in (16, 32, 64, 128, 256, 512, 1024) if b <= max_tokens]
+
+
+class PrefillGraphs(_GraphSet):
+    """The prefill of one whole new prompt of up to `max_tokens` tokens, padded at its end to a length bucket.
+
+    Attention is causal, so the padding tokens (after the prompt) change none of the prompt's rows; their keys
+    and values go to the scratch block. Logits come for the prompt's last row only, picked on the device."""
+
+    def __init__(self, model, max_tokens: int, block_size: int, scratch_block: int, device):
+        self.block_size, self.scratch = block_size, scratch_block
+        buckets = prefill_buckets(max_tokens)
+        n = self.n = buckets[-1]
+        super().__init__(model, buckets, 3 * n + 1, device)  # [ids | positions | slots | last row]
+        self.ids, self.positions, self.slots = self.buf[: 3 * n].view(3, n)
+        self.last = self.buf[3 * n :]
+        self.zero = torch.zeros(1, dtype=torch.long, device=device)
+
+    def _forward(self, t: int) -> torch.Tensor:
+        meta = AttentionMetadata(
+            slot_mapping=self.slots[:t], query_start=self.zero, seq_lens=self.zero, block_tables=self.zero[None],
+            max_query_len=t, max_seq_len=t, backend="triton", fresh_query_start=[0, t],
+        )
+        hidden = self.model(self.ids[:t], self.positions[:t], meta)
+        return self.model.compute_logits(hidden.index_select(0, self.last))
+
+    def _fill(self, x: StepInputs) -> None:
+        n, k, h = len(x.ids), self.n, self.host_np
+        for row, values, pad in ((0, x.ids, 0), (1, x.positions, 0), (2, x.slots, self.scratch * self.block_size)):
+            h[row * k : row * k + n] = values
+            h[row * k + n : (row + 1) * k] = pad
+        h[3 * k] = max(n - 1, 0)
+
+    def run(self, x: StepInputs) -> torch.Tensor:
+        """One fresh prompt of T tokens -> the logits of its last token [1, vocab]."""
+        self._load(x)
+        b = self.bucket_for(len(x.ids))
+        self.graphs[b].replay()
+        return self.logits[b]

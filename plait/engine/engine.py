@@ -84,7 +84,7 @@ class LLMEngine:
         self.schedulers = [Scheduler(self.sched_config, self.blocks) for _ in range(par.pipeline_parallel_size)]
         self.scheduler_of: dict[int, Scheduler] = {}  # seq_id -> the scheduler (micro-batch) that owns it
         self.in_flight: deque[tuple[Scheduler, StepPlan]] = deque()
-        self.plans_per_scheduler = 2 if cfg.async_scheduling else 1
+        self.plans_per_scheduler = 2 if cfg.resolved_async_scheduling() else 1
         self.outputs = make_outputs(OutputProcessor(self.tokenizer), cfg.async_output_proc)
         self.requests: dict[str, EngineRequest] = {}
         self.seqs: dict[int, Sequence] = {}

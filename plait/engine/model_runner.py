@@ -18,7 +18,7 @@ from plait.comm.communicator import Communicator
 from plait.comm.profiler import CommProfiler
 from plait.config import EngineConfig
 from plait.core import StepPlan
-from plait.engine.cuda_graph import DecodeGraphs, StepInputs
+from plait.engine.cuda_graph import DecodeGraphs, PrefillGraphs, StepInputs
 from plait.engine.overlap import TokenSplitOverlap, split_inputs
 from plait.engine.sampled_tokens import SampledTokens
 from plait.engine.sampler import to_device
@@ -55,6 +55,7 @@ class ModelRunner:
         last_stage = ctx.stage == ctx.num_stages - 1
         self.sampler = StepSampler(cfg, ctx, self.device, eos_token_ids, self.model, self.sampled) if last_stage else None
         self.graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
         for group in self._reducing_groups():
             # Symmetric memory is peer-to-peer inside one machine: a group that spans nodes stays on NCCL.
             if (self.device.type == "cuda" and group.size > 1 and cfg.all_reduce_backend != "nccl"
@@ -174,6 +175,8 @@ class ModelRunner:
             self.plan.choose_mode(len(inputs.ids))
         if self._graph_step(plan):
             logits = self.graphs.run(inputs, self.sampled.fill)  # a decode step: every row is sampled
+        elif self._prefill_graph_step(plan):
+            logits = self.prefill_graphs.run(inputs)  # one whole new prompt: its last row is sampled
         elif self._sp and not self.plan.shifted:
             hidden = self._sequence_parallel_forward(inputs)
             logits = self.model.compute_logits(hidden[rows]) if rows else None
@@ -216,16 +219,23 @@ class ModelRunner:
         return self.overlap.forward(self.model, halves)
 
     def _capture_graphs(self, num_blocks: int) -> None:
-        """Decode graphs per batch bucket. Under Shift they capture the tensor-parallel mode, which every decode
-        step of up to shift_threshold sequences runs in; pure sequence parallelism runs eager."""
+        """Decode graphs per batch bucket, and prefill graphs per prompt-length bucket, in one memory pool. Under
+        Shift the decode graphs capture the tensor-parallel mode, which every decode step of up to shift_threshold
+        sequences runs in; prefills there, and all of pure sequence parallelism, run eager."""
         max_batch = self.cfg.max_num_seqs
+        pool = torch.cuda.graph_pool_handle()
         if self._sp:
             if self.plan.shift_threshold is None:
                 return
             max_batch = min(max_batch, self.plan.shift_threshold)
             self.plan.shifted = True
-        self.graphs = DecodeGraphs(self.model, max_batch, self.max_model_len, self.cfg.block_size, num_blocks, self.device)
-        self.graphs.capture()
+        bs = self.cfg.block_size
+        self.graphs = DecodeGraphs(self.model, max_batch, self.max_model_len, bs, num_blocks, self.device)
+        self.graphs.capture(pool)
+        prefill_tokens = min(self.cfg.max_prefill_graph_tokens, self.max_num_batched_tokens, self.max_model_len)
+        if not self._sp and prefill_tokens >= 16:
+            self.prefill_graphs = PrefillGraphs(self.model, prefill_tokens, bs, num_blocks, self.device)
+            self.prefill_graphs.capture(pool)
 
     def _graph_step(self, plan: StepPlan) -> bool:
         return (
@@ -233,6 +243,15 @@ class ModelRunner:
             and len(plan.seqs) <= self.graphs.buckets[-1]
             and all(len(s.token_ids) == 1 and not s.prompt_logprobs for s in plan.seqs)
         )
+
+    def _prefill_graph_step(self, plan: StepPlan) -> bool:
+        """One whole new prompt that fits a bucket, sampled at its end, with no prompt logprobs (those need every
+        row's logits) and not split in halves by the token-split overlap."""
+        if self.prefill_graphs is None or len(plan.seqs) != 1:
+            return False
+        s, n = plan.seqs[0], len(plan.seqs[0].token_ids)
+        return (s.start == 0 and s.sample and not s.prompt_logprobs and n <= self.prefill_graphs.buckets[-1]
+                and not (self.overlap is not None and self.overlap.takes(n)))
 
     def _update_mirrors(self, plan: StepPlan) -> None:
         for seq_id in plan.finished_seq_ids:

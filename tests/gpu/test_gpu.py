@@ -124,3 +124,25 @@ def test_two_gpu_modes_match_single_rank(checkpoint, single_rank_fp32, kw):
     """TP (symmetric-memory and NCCL all-reduce, fused into the norm or not, in CUDA graphs), PP, DP, SP and Shift
     over 2 GPUs (and TP=4 with the fused op, SP=2 x TP=2 with Shift, where 4 exist), fp32, against one GPU."""
     assert_runs_match(single_rank_fp32, _fp32_run(checkpoint[0], **kw))
+
+
+@needs_cuda
+@pytest.mark.parametrize("kw", [dict(), pytest.param(dict(tensor_parallel_size=2), marks=pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="needs 2 GPUs"))], ids=["tp1", "tp2"])
+def test_prefill_graphs_match_eager_prefill(checkpoint, kw):
+    """A prompt alone in its step replays from a prefill graph, padded at its end to a length bucket (16, 32, ...):
+    the same tokens and logprobs as the eager prefill, prompt lengths on and off the bucket edges."""
+    params = SamplingParams(temperature=0, max_tokens=8, logprobs=5, ignore_eos=True)
+    prompts = [list(range(3, 19)), list(range(100, 160)), list(range(7, 107)), [5] * 3]  # 16, 60, 100, 3 tokens
+    runs = []
+    for graphs in (512, 0):
+        llm = LLM(checkpoint[0], dtype="float32", device="cuda", max_model_len=512, kv_cache_memory_bytes=1 << 30,
+                  max_prefill_graph_tokens=graphs, **kw)
+        try:
+            runner = getattr(llm.engine.executor, "runner", None)  # in this process at TP=1
+            if runner is not None:
+                assert (runner.prefill_graphs is not None) == (graphs > 0)
+            runs.append([llm.generate([p], params, use_tqdm=False)[0] for p in prompts])  # one prompt per step
+        finally:
+            llm.shutdown()
+    assert_runs_match(runs[1], runs[0])
