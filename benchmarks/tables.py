@@ -20,8 +20,8 @@ def latency_rows() -> list[str]:
         label = r.get("parallel", f"tp{r['tensor_parallel_size']}")
         if f.stem.endswith("_nccl"):
             label += " (NCCL all-reduce)"
-        if r.get("async_scheduling") is False:
-            label += " (synchronous step loop)"
+        if not r.get("async_scheduling"):  # results from before the field were all synchronous
+            label += ", sync"
         rows.append(
             f"| {r['model']} | {label} | {r['batch_size']} | {r['input_len']}/{r['output_len']} "
             f"| {r['ttft_ms']['median']:.1f} | {fl['prefill_ms']:.1f} | {r['tpot_ms']['median']:.2f} "

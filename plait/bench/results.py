@@ -13,14 +13,17 @@ import torch
 
 
 def provenance() -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
-    except OSError:
-        commit = ""
+    """PLAIT_COMMIT first: a copied working tree (the device machines) can carry a .git older than its files."""
+    commit = os.environ.get("PLAIT_COMMIT", "")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
+        except OSError:
+            pass
     cuda = torch.cuda.is_available()
     return {
         "command": " ".join(["plait", *sys.argv[1:]]) if sys.argv[0].endswith("plait") else " ".join(sys.argv),
-        "git_commit": commit or os.environ.get("PLAIT_COMMIT", "unknown"),
+        "git_commit": commit or "unknown",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}" if cuda else f"cpu {platform.processor() or platform.machine()}",
         "torch": torch.__version__,
