@@ -5,6 +5,7 @@ preemption, aborts, chunked prefill, n > 1 and penalties; spread sampling draws 
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import random
 
@@ -15,7 +16,7 @@ from conftest import make_checkpoint, random_prompts
 from plait import LLM, SamplingParams
 from plait.config import EngineConfig
 from plait.core import PLACEHOLDER, SeqStatus
-from plait.engine.output import IncrementalDetokenizer
+from plait.engine.output import IncrementalDetokenizer, text_decoder
 from plait.engine.sampler import SampleInput, Sampler
 from test_scheduler import add, make_scheduler, make_seq
 
@@ -86,9 +87,18 @@ def test_incremental_text_equals_decoding_the_whole_list(tokenizer):
     rng = random.Random(0)
     ids = [rng.randrange(tokenizer.vocab_size) for _ in range(300)] + list(range(100, 260))  # raw bytes too
     for skip in (True, False):
-        detok = IncrementalDetokenizer(tokenizer, skip)
+        detok = IncrementalDetokenizer(text_decoder(tokenizer), skip)  # through the Rust backend (no clean-up)
         text = "".join(detok.add(t) for t in ids) + detok.flush()
         assert text == tokenizer.decode(ids, skip_special_tokens=skip)
+
+
+def test_text_decoder_keeps_transformers_clean_up_where_asked(tokenizer):
+    """A tokenizer that cleans up spaces after decoding is decoded through transformers, clean-up included."""
+    ids = tokenizer.encode("Hello , world ! It 's fine .")
+    cleaning = copy.copy(tokenizer)
+    cleaning.clean_up_tokenization_spaces = True
+    assert text_decoder(cleaning)(ids, True) == cleaning.decode(ids, skip_special_tokens=True)
+    assert text_decoder(tokenizer)(ids, True) == tokenizer.decode(ids, skip_special_tokens=True)
 
 
 # --- the whole loop: every mode against the plain one, on one mixed workload ---------------------------------------

@@ -10,6 +10,7 @@ the loop may have computed a few more tokens of a sequence that a stop string ha
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from plait.core import TokenLogprobs
@@ -53,6 +54,21 @@ class StepOutputs:
     prompts: list[PromptDelta] = field(default_factory=list)
 
 
+Decode = Callable[[list[int], bool], str]  # (ids, skip_special_tokens) -> text
+
+
+def text_decoder(tokenizer) -> Decode | None:
+    """The tokenizer's decode, called straight on its Rust backend where that gives the same text (no clean-up of
+    spaces after decoding): transformers' wrapper costs ~5 us a call in conversions, and detokenization makes two
+    calls per token per sequence, on the host, every step."""
+    if tokenizer is None:
+        return None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return lambda ids, skip: backend.decode(ids, skip_special_tokens=skip)
+    return lambda ids, skip: tokenizer.decode(ids, skip_special_tokens=skip)
+
+
 class IncrementalDetokenizer:
     """The text of a growing list of ids, decoding a short window per token instead of the whole list.
 
@@ -61,8 +77,8 @@ class IncrementalDetokenizer:
     it ends in an incomplete UTF-8 character (U+FFFD) and released by `flush` when the sequence ends.
     """
 
-    def __init__(self, tokenizer, skip_special_tokens: bool):
-        self.tokenizer, self.skip = tokenizer, skip_special_tokens
+    def __init__(self, decode: Decode | None, skip_special_tokens: bool):
+        self.decode, self.skip = decode, skip_special_tokens
         self.ids: list[int] = []
         self.prefix = self.read = 0
 
@@ -74,11 +90,10 @@ class IncrementalDetokenizer:
         return self._delta(final=True)
 
     def _delta(self, final: bool) -> str:
-        if self.tokenizer is None or self.read == len(self.ids):
+        if self.decode is None or self.read == len(self.ids):
             return ""
-        decode = self.tokenizer.decode
-        before = decode(self.ids[self.prefix : self.read], skip_special_tokens=self.skip)
-        after = decode(self.ids[self.prefix :], skip_special_tokens=self.skip)
+        before = self.decode(self.ids[self.prefix : self.read], self.skip)
+        after = self.decode(self.ids[self.prefix :], self.skip)
         if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
             return ""
         self.prefix, self.read = self.read, len(self.ids)
@@ -113,12 +128,12 @@ class OutputProcessor:
     """Single-threaded: the engine calls it directly or through `plait.engine.output_thread.OutputThread`."""
 
     def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+        self.decode = text_decoder(tokenizer)
         self.states: dict[str, RequestState] = {}
 
     def add(self, req: NewRequest) -> None:
         p = req.params
-        outs = [SeqOutput(IncrementalDetokenizer(self.tokenizer, p.skip_special_tokens),
+        outs = [SeqOutput(IncrementalDetokenizer(self.decode, p.skip_special_tokens),
                           logprobs=[] if p.logprobs is not None else None,
                           cumulative_logprob=0.0 if p.logprobs is not None else None) for _ in range(p.n)]
         prompt_lps = [None] * len(req.prompt_token_ids) if p.prompt_logprobs is not None else None
@@ -147,11 +162,9 @@ class OutputProcessor:
                     del self.states[request_id]
         return outputs
 
-    def _decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens) if self.tokenizer else ""
-
     def _position(self, lp: TokenLogprobs) -> PositionLogprobs:
-        return {t: Logprob(v, r, self._decode([t], False)) for t, v, r in zip(lp.token_ids, lp.logprobs, lp.ranks)}
+        text = (lambda t: self.decode([t], False)) if self.decode else (lambda t: "")
+        return {t: Logprob(v, r, text(t)) for t, v, r in zip(lp.token_ids, lp.logprobs, lp.ranks)}
 
     def _append(self, p: SamplingParams, out: SeqOutput, d: TokenDelta) -> None:
         """Add one token; a stop token is left out of the text unless include_stop_str_in_output asks for it."""
