@@ -138,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_serve_args(bench_serve)
     bench_serve.set_defaults(func=_bench_serve)
     _add_throughput(bench)
+    from plait.bench.shift_steps import add_args as add_shift_steps_args
+
+    shift_steps = bench.add_parser("shift-steps", help="Shift's SP-mode and TP-mode step times by step size, into "
+                                                       "the --calibration file (the engine's threshold reads them)")
+    add_engine_args(shift_steps)
+    add_shift_steps_args(shift_steps)
+    shift_steps.set_defaults(func=_engine_command("plait.bench.shift_steps", "main"))
     _add_comm(sub)
     return parser
 

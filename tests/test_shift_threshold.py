@@ -8,9 +8,10 @@ import dataclasses
 import pytest
 
 from plait import LLM
+from plait.cli import main as cli_main
 from plait.config import EngineConfig
 from plait.models.loader import resolve_model
-from plait.plan.calibration import h200_defaults
+from plait.plan.calibration import Calibration, h200_defaults
 from plait.plan.collectives import rank_collectives
 from plait.plan.costs import rank_memory
 from plait.plan.planner import Slo, candidates, layouts, plan
@@ -83,3 +84,26 @@ def test_engine_takes_the_calibrations_measured_threshold_and_keeps_an_explicit_
     assert resolve_threshold(explicit, load_model_config(folder), "any", 2048, 4) == (explicit, "shift threshold 5 tokens (--shift-threshold)")
     with pytest.raises(ValueError, match="shift_threshold \\(5\\) needs shift_parallel"):
         EngineConfig(folder, shift_threshold=5)
+
+
+def test_shift_steps_measures_both_modes_into_the_calibration_the_engine_reads(checkpoints, tmp_path, capsys):
+    """`plait bench shift-steps` times decode steps (sizes up to max_num_seqs) and prompt steps in each mode, adds
+    the table to the calibration file, and an engine started on that file takes its threshold from it."""
+    folder, _ = checkpoints["llama"]
+    path = tmp_path / "cal.json"
+    h200_defaults().save(str(path))
+    flags = ["--sp", "2", "--shift", "--device", "cpu", "--dtype", "float32", "--max-num-seqs", "4",
+             "--max-num-batched-tokens", "64", "--calibration", str(path)]
+    assert cli_main(["bench", "shift-steps", folder, *flags, "--tokens", "2,40,500", "--context", "8",
+                     "--repeats", "2"]) == 0
+    rows = Calibration.load(str(path)).shift_steps[table_key(resolve_model(folder).name, 2, 1)]
+    assert [r[0] for r in rows] == [2, 40, 64]  # 500 clipped to the token budget
+    assert all(r[1] > 0 and r[2] > 0 for r in rows)
+    threshold = int(capsys.readouterr().out.split("run steps of at most ")[1].split()[0])
+    llm = LLM(folder, calibration=str(path), sequence_parallel_size=2, shift_parallel=True, dtype="float32",
+              device="cpu", max_num_seqs=4, max_num_batched_tokens=64)
+    try:
+        assert llm.engine.cfg.shift_threshold == threshold
+    finally:
+        llm.shutdown()
+    assert cli_main(["bench", "shift-steps", folder, "--sp", "2", "--device", "cpu", "--calibration", str(path)]) == 2
