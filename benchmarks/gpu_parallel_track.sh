@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Parallel Track on one machine of 4 GPUs, in one device call of at most ~9.5 minutes (every step has a timeout):
+# Parallel Track on one machine of 4 GPUs, in one device call of at most ~9.5 minutes (every step has a timeout);
+# on one GPU the quality phase runs alone (its five trainings share the GPU; no serving with a track per GPU):
 #   quality: dense and PT (T=4, D = 1, 2, 4, 8) trained at equal parameters and tokens on the byte-level Python
 #            corpus, in parallel over the GPUs; held-out loss table and plot; every checkpoint served by plait
 #            (on 1 GPU, and the D=4 one with a track per GPU).
@@ -12,6 +13,7 @@
 # Writes to $OUT: pt_quality.json, pt_quality.png, pt_speed.json, pt_device.log, pytest_pt_gpu.log.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+# The device's copied .git can be older than the tree it runs: pass PLAIT_COMMIT=<hash of the tree> from here.
 export PLAIT_COMMIT=${PLAIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 OUT=${OUT:-benchmarks/results}
 PHASE=${1:-all}
@@ -41,7 +43,8 @@ quality() {
   wait "${pids[@]}"
   tail -n 2 "$WORK"/train_*.log
   timeout 45 python3 -m benchmarks.pt_quality.sample --runs "$WORK/runs" --device cuda --max-tokens 120 | tail -n 30
-  timeout 40 python3 -m benchmarks.pt_quality.sample --runs "$WORK/runs" --names pt-t4-d4 --tp 4 --device cuda | tail -n 8
+  [ "$ngpu" -ge 4 ] && timeout 40 python3 -m benchmarks.pt_quality.sample --runs "$WORK/runs" --names pt-t4-d4 --tp 4 \
+    --device cuda | tail -n 8
   python3 -m benchmarks.pt_quality.report --runs "$WORK/runs" --output-json "$OUT/pt_quality.json" --plot "$OUT/pt_quality.png"
 }
 
