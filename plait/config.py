@@ -188,6 +188,9 @@ class EngineConfig:
     max_num_seqs: int = _help("Most sequences in one step.", default=64)
     max_num_batched_tokens: int | None = _help("Token budget of one step (default: 2048 or max_model_len).", default=None)
     enable_chunked_prefill: bool = _help("Split long prompts over steps.", default=True)
+    enable_prefix_caching: bool = _help("Share the KV blocks of a prompt's leading full blocks with earlier requests "
+                                        "that had the same tokens, and compute only the rest (vLLM's automatic "
+                                        "prefix caching).", default=True)
     block_size: int = _help("Tokens per KV-cache block.", default=16)
     gpu_memory_utilization: float = _help("Share of GPU memory the engine may use (weights + KV cache).", default=0.9)
     kv_cache_memory_bytes: int | None = _help("KV-cache size per rank in bytes (default on CPU: 1 GiB).", default=None)

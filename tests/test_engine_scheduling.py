@@ -227,3 +227,29 @@ def test_output_is_capped_by_max_model_len(roomy):
     assert len(out.outputs[0].token_ids) == 6 and out.outputs[0].finish_reason == "length"
     out = roomy.generate([prompt], SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=50), use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 6 and out.outputs[0].finish_reason == "length"
+
+
+def test_prefix_caching_reuses_shared_prefixes_with_the_same_outputs(folder):
+    """Prompts that share a system prompt (and repeats of whole prompts, and a prompt preempted and readmitted)
+    compute only what the cache lacks, and generate exactly what an engine without prefix caching does."""
+    rng = random.Random(5)
+    system = [rng.randrange(1, 200) for _ in range(37)]
+    prompts = [system + [rng.randrange(1, 200) for _ in range(rng.randrange(1, 20))] for _ in range(10)]
+    prompts += prompts[:3]  # whole prompts again
+    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=12, logprobs=2)
+    kw = dict(block_size=4, max_num_seqs=4, num_gpu_blocks_override=40)  # tight: preemption and eviction happen
+    cached, plain = make_llm(folder, **kw), make_llm(folder, enable_prefix_caching=False, **kw)
+    try:
+        got = cached.generate(prompts, params, use_tqdm=False)
+        want = plain.generate(prompts, params, use_tqdm=False)
+        queried, hit = cached.engine.prefix_cache_tokens()
+        assert hit >= 9 * 36 and queried >= sum(len(p) for p in prompts)  # the system prompt's 9 blocks, 9+ times
+        assert plain.engine.prefix_cache_tokens() == (0, 0)
+        check_state(cached.engine.schedulers[0])
+    finally:
+        cached.shutdown()
+        plain.shutdown()
+    for g, w in zip(got, want):
+        assert g.outputs[0].token_ids == w.outputs[0].token_ids
+        for a, b in zip(g.outputs[0].logprobs, w.outputs[0].logprobs):
+            _assert_logprobs_close(a, b)

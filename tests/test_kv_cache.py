@@ -122,8 +122,8 @@ def _busy() -> BlockManager:
 
 def test_invariants_catch_a_block_owned_twice():
     bm = _busy()
-    bm.tables[2][0] = 0  # seq 2 now claims seq 1's block; block 2 is lost
-    with pytest.raises(AssertionError, match="two sequences"):
+    bm.tables[2][0] = 0  # seq 2 now claims seq 1's block without counting it; block 2 is lost
+    with pytest.raises(AssertionError, match="reference count"):
         bm.check_invariants()
 
 
@@ -155,3 +155,43 @@ def test_invariants_catch_a_block_id_out_of_range():
     bm.tables[1][1] = 99  # the count still adds up, but block 1 is lost and 99 does not exist
     with pytest.raises(AssertionError, match=r"blocks \[1\] are neither free nor owned"):
         bm.check_invariants()
+
+
+# --- prefix caching ------------------------------------------------------------------------------------------------
+
+
+def test_full_blocks_are_shared_by_content_and_idle_ones_evicted_oldest_first():
+    bm = BlockManager(6, 4, prefix_caching=True)
+    a = list(range(10))  # two full blocks and two tokens
+    bm.grow(1, 10)
+    bm.register(1, a, 10)
+    assert bm.cached_prefix(a, 9) == (bm.table(1)[:2], bm.keys[1][:2])
+    assert bm.cached_prefix(a[:4] + [99] * 6, 9)[0] == bm.table(1)[:1]  # the second block's tokens differ
+    assert bm.cached_prefix([99] * 4 + a[4:], 9)[0] == []  # same tokens, other prefix: another key
+    blocks, keys = bm.cached_prefix(a, 9)
+    assert bm.can_share(blocks, 12)
+    bm.share(2, blocks, keys, queried_tokens=10)
+    bm.grow(2, 12)
+    assert bm.table(2)[:2] == bm.table(1)[:2] and bm.refs[bm.table(1)[0]] == 2
+    assert (bm.queried_tokens, bm.hit_tokens) == (10, 8)
+    bm.check_invariants()
+    shared = bm.table(1)[:2]
+    bm.release(1)
+    bm.release(2)
+    bm.check_invariants()
+    assert bm.num_free == 6 and set(shared) <= set(bm.evictable)  # idle but still cached
+    assert bm.cached_prefix(a, 9)[0] == shared
+    bm.grow(3, 24)  # every block: the empty ones first, then the idle cached ones, oldest release first
+    assert bm.cached_prefix(a, 9)[0] == [] and not bm.evictable and not bm.block_of
+    bm.check_invariants()
+
+
+def test_sharing_idle_cached_blocks_takes_them_out_of_the_free_count():
+    bm = BlockManager(4, 4, prefix_caching=True)
+    a = list(range(8))
+    bm.grow(1, 8)
+    bm.register(1, a, 8)
+    bm.release(1)
+    blocks, keys = bm.cached_prefix(a, 7)
+    assert len(blocks) == 1  # at most 7 tokens: the last token is always computed
+    assert bm.num_free == 4 and bm.can_share(blocks, 16) and not bm.can_share(blocks, 17)

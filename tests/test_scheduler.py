@@ -260,3 +260,25 @@ def test_random_workload_keeps_invariants():
     assert preemptions > 0
     assert all(len(s.output_token_ids) == limits[s.seq_id] for s in seqs.values())
     assert sched.blocks.num_free == sched.blocks.num_blocks
+
+
+def test_prefix_caching_starts_a_new_sequence_after_its_cached_blocks():
+    sched = Scheduler(SchedulerConfig(64, 8, 64, True, 4), BlockManager(32, 4, prefix_caching=True))
+    first, second = make_seq(10, "a"), make_seq(10, "b")
+    sched.add(first)
+    plan = sched.schedule()
+    assert plan.seqs[0].start == 0 and len(plan.seqs[0].token_ids) == 10
+    sched.add(second)  # same prompt: its two full blocks are cached once the plan that computes them is made
+    plan = sched.schedule()
+    new = next(s for s in plan.seqs if s.seq_id == second.seq_id)
+    assert new.start == 8 and new.token_ids == second.token_ids[8:] and new.sample
+    assert new.block_table[:2] == sched.blocks.table(first.seq_id)[:2]
+    whole = make_seq(8, "c")  # fully cached: its last token is still computed, for the logits
+    sched.add(whole)
+    plan = sched.schedule()
+    assert next(s for s in plan.seqs if s.seq_id == whole.seq_id).start == 4
+    logprobs = Sequence("d", 0, list(range(100, 110)), SamplingParams(max_tokens=4, prompt_logprobs=1))
+    sched.add(logprobs)  # prompt logprobs need every prompt row: no cache
+    plan = sched.schedule()
+    assert next(s for s in plan.seqs if s.seq_id == logprobs.seq_id).start == 0
+    check_state(sched)

@@ -290,12 +290,21 @@ def test_metrics_names(server):
     _, text = call(server, "/metrics")
     for name in ("time_to_first_token_seconds", "time_per_output_token_seconds", "e2e_request_latency_seconds",
                  "num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prompt_tokens_total",
-                 "generation_tokens_total"):
+                 "generation_tokens_total", "prefix_cache_queries_total", "prefix_cache_hits_total"):
         assert f"# TYPE plait:{name.removesuffix('_total')}" in text, name
     assert metric(server, "plait:time_to_first_token_seconds_count") > 0
     finished = metric(server, "plait:request_success_total") - metric(server, "plait:request_success_total", "abort")
     assert metric(server, "plait:e2e_request_latency_seconds_count") == finished > 0  # aborts have no E2E latency
     assert metric(server, "plait:prompt_tokens_total") > 0
+    prompt = "The quick brown fox jumps over the lazy dog. " * 8  # several full KV blocks
+    hits = metric(server, "plait:prefix_cache_hits_total")
+    for _ in range(2):  # the second time its full blocks are cached
+        assert call(server, "/v1/completions", {"prompt": prompt, "max_tokens": 1})[0] == 200
+    deadline = time.monotonic() + 10
+    while metric(server, "plait:prefix_cache_hits_total") < hits + 16 and time.monotonic() < deadline:
+        time.sleep(0.1)  # the engine thread publishes its counts after the step
+    assert metric(server, "plait:prefix_cache_hits_total") >= hits + 16
+    assert metric(server, "plait:prefix_cache_queries_total") >= metric(server, "plait:prefix_cache_hits_total")
 
 
 def _rank_pids(pid: int) -> list[int]:

@@ -71,6 +71,10 @@ class DataParallelEngine:
         """The mean over replicas: each holds its own cache of the same size."""
         return sum(r.kv_cache_usage() for r in self.replicas) / len(self.replicas)
 
+    def prefix_cache_tokens(self) -> tuple[int, int]:
+        counts = [r.prefix_cache_tokens() for r in self.replicas]
+        return sum(c[0] for c in counts), sum(c[1] for c in counts)
+
     def shutdown(self) -> None:
         for replica in self.replicas:
             replica.shutdown()

@@ -80,7 +80,7 @@ class LLMEngine:
         num_blocks = self._size_kv_cache()
         if par.sequence_parallel_size > 1:
             print(f"plait: {memory_line(m, Layout.of(cfg), self.itemsize, num_blocks * cfg.block_size)}")
-        self.blocks = BlockManager(num_blocks, cfg.block_size)
+        self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.schedulers = [Scheduler(self.sched_config, self.blocks) for _ in range(par.pipeline_parallel_size)]
         self.scheduler_of: dict[int, Scheduler] = {}  # seq_id -> the scheduler (micro-batch) that owns it
         self.in_flight: deque[tuple[Scheduler, StepPlan]] = deque()
@@ -176,6 +176,10 @@ class LLMEngine:
 
     def kv_cache_usage(self) -> float:
         return self.blocks.usage()
+
+    def prefix_cache_tokens(self) -> tuple[int, int]:
+        """(tokens looked up in the prefix cache, tokens found there) since start."""
+        return self.blocks.queried_tokens, self.blocks.hit_tokens
 
     def step(self) -> list[RequestOutput]:
         """One engine iteration; returns the outputs of the requests that progressed (finished ones once, last)."""

@@ -4,7 +4,8 @@ Each step the scheduler says only "compute these tokens of these sequences" (vLL
 a chunk of a prompt and a decode token are one case. Running sequences go first, oldest first; when the
 cache cannot hold a running sequence's next tokens, the newest running sequence is preempted (its blocks
 freed, its tokens recomputed later). Waiting sequences are admitted while the token budget, the sequence
-limit and the free blocks allow, and never in a step that had to preempt.
+limit and the free blocks allow, and never in a step that had to preempt. With prefix caching a sequence entering
+the batch starts after the full blocks of its tokens that the cache holds (plait.engine.kv_cache).
 
 A sequence's computed-token count advances when its plan is made, not when the plan has run, so the next plan
 can be made while this one is in flight (asynchronous scheduling): a sequence whose last plan samples a token
@@ -30,6 +31,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self._finished_ids: list[int] = []  # told to the ranks with the next plan, so they drop their state
         self._late_tokens: list[tuple[int, int, int]] = []  # placeholders resolved since the last plan
+        self._planned: list[Sequence] = []  # the sequences of the plan being made
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -72,6 +74,10 @@ class Scheduler:
             break
         if not preempted:
             budget = self._admit(plan, budget)
+        if self.blocks.prefix_caching:  # after the plan is made, so no sequence of this plan reads what it writes
+            for seq in self._planned:
+                self.blocks.register(seq.seq_id, seq.token_ids, min(seq.num_computed_tokens, seq.num_tokens))
+        self._planned.clear()
         return plan
 
     def _admit(self, plan: StepPlan, budget: int) -> int:
@@ -79,13 +85,17 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.num_pending:
                 break  # preempted while its token was in flight: recompute it once the token is known
-            n = seq.num_tokens - seq.num_computed_tokens
+            cached, keys = self._cached_prefix(seq)
+            start = len(cached) * self.blocks.block_size
+            n = seq.num_tokens - start
             if n > budget:
                 if not self.cfg.enable_chunked_prefill:
                     break
                 n = budget
-            if not self.blocks.can_grow(seq.seq_id, seq.num_computed_tokens + n):
+            if not self.blocks.can_share(cached, start + n):
                 break
+            self.blocks.share(seq.seq_id, cached, keys, seq.num_tokens if self._looks_up(seq) else 0)
+            seq.num_computed_tokens = start
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
@@ -94,10 +104,21 @@ class Scheduler:
             budget -= n
         return budget
 
+    def _cached_prefix(self, seq: Sequence) -> tuple[list[int], list[int]]:
+        """The cached blocks a sequence entering the running batch can start from (none without prefix caching, or
+        when prompt logprobs need every prompt row's logits); its last token is always computed, for its logits."""
+        if not self._looks_up(seq):
+            return [], []
+        return self.blocks.cached_prefix(seq.token_ids, seq.num_tokens - 1)
+
+    def _looks_up(self, seq: Sequence) -> bool:
+        return self.blocks.prefix_caching and seq.params.prompt_logprobs is None
+
     def _scheduled(self, seq: Sequence, n: int) -> ScheduledSeq:
         """Schedule n tokens from the sequence's next position and advance it past them now."""
         start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
         table = self.blocks.grow(seq.seq_id, end)
+        self._planned.append(seq)
         known = seq.token_ids[start:end]
         sample = end == seq.num_tokens + seq.num_pending
         seq.num_computed_tokens = end

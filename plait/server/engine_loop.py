@@ -186,7 +186,7 @@ class EngineLoop:
 
     def _publish_load(self) -> None:
         running, waiting = self.engine.request_counts()
-        self.load = Load(running, waiting, self.engine.kv_cache_usage())
+        self.load = Load(running, waiting, self.engine.kv_cache_usage(), *self.engine.prefix_cache_tokens())
         self.metrics.set_load(self.load)
 
     def _refuse_all(self) -> None:

@@ -38,6 +38,8 @@ class Load:
     running: int = 0  # requests with a sequence in the running set
     waiting: int = 0  # requests whose sequences all wait
     kv_cache_usage: float = 0.0  # share of KV-cache blocks in use, 0..1
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache since start
+    prefix_cache_hits: int = 0  # and found there
 
 
 class ServerMetrics:
@@ -54,8 +56,11 @@ class ServerMetrics:
         self.running = metric(Gauge, "num_requests_running", "Requests in the running batch.")
         self.waiting = metric(Gauge, "num_requests_waiting", "Requests waiting to be scheduled.")
         self.kv_usage = metric(Gauge, "kv_cache_usage_perc", "KV-cache usage (1 = every block in use).")
+        self.prefix_queries = metric(Counter, "prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache.")
+        self.prefix_hits = metric(Counter, "prefix_cache_hits_total", "Prompt tokens found in the prefix cache.")
         self.prompt_tokens = metric(Counter, "prompt_tokens_total", "Prompt tokens of admitted requests.")
         self.generation_tokens = metric(Counter, "generation_tokens_total", "Generated tokens.")
+        self._published = (0, 0)  # the prefix-cache token counts already added to the counters
         self._success = Counter("plait:request_success_total", "Finished requests by finish reason.",
                                 ["model_name", "finished_reason"], registry=r)
         self._model_name = model_name
@@ -96,3 +101,6 @@ class ServerMetrics:
         self.running.set(load.running)
         self.waiting.set(load.waiting)
         self.kv_usage.set(load.kv_cache_usage)
+        self.prefix_queries.inc(load.prefix_cache_queries - self._published[0])
+        self.prefix_hits.inc(load.prefix_cache_hits - self._published[1])
+        self._published = (load.prefix_cache_queries, load.prefix_cache_hits)
