@@ -123,7 +123,9 @@ def engine_config(name: str, args: argparse.Namespace):
     return EngineConfig(model=args.model, load_format="dummy", device=args.device, dtype=dtype, tensor_parallel_size=tp,
                         pipeline_parallel_size=pp, max_model_len=max(n for _, n in full) + args.output_len + 16,
                         max_num_seqs=max(b for b, _ in full), max_num_batched_tokens=args.max_num_batched_tokens,
-                        fused_allreduce_norm="off")  # the model prices all-reduce then norm; the fused op is not in it
+                        # the model prices all-reduce then norm (not the fused op), and every prompt computed (points
+                        # of one seed share their leading tokens, which the prefix cache would skip)
+                        fused_allreduce_norm="off", enable_prefix_caching=False)
 
 
 def profile_point(engine, tp: int, pp: int, batch: int, input_len: int, output_len: int) -> dict:

@@ -39,10 +39,11 @@ TARGETS = {"tpot_bs1": 1.25, "ttft_2k": 1.2, "ttft_8k": 1.2, "throughput_4096_12
 def latency(engine: LLMEngine, batch: int, input_len: int, output_len: int, iters: int) -> dict:
     args = SimpleNamespace(batch_size=batch, input_len=input_len, output_len=output_len)
     device = engine.cfg.resolved_device()
-    run_once(engine, args, device)
+    seeds = [input_len * 1000 + i for i in range(iters + 1)]  # prompts of their own: nothing hits the prefix cache
+    run_once(engine, args, device, seeds[-1])
     ttfts, tpots = [], []
-    for _ in range(iters):
-        ttft, steps = run_once(engine, args, device)
+    for seed in seeds[:-1]:
+        ttft, steps = run_once(engine, args, device, seed)
         ttfts.append(ttft)
         tpots += steps
     out = {"ttft_ms": statistics.median(ttfts) * 1e3}

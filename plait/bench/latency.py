@@ -37,9 +37,10 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_once(engine: LLMEngine, args, device: str) -> tuple[float, list[float]]:
-    """One batch end to end: returns (TTFT seconds, decode step seconds)."""
-    g = torch.Generator().manual_seed(0)
+def run_once(engine: LLMEngine, args, device: str, seed: int) -> tuple[float, list[float]]:
+    """One batch end to end: returns (TTFT seconds, decode step seconds). Each run's prompts are its own (by
+    `seed`), so no run finds another's blocks in the prefix cache."""
+    g = torch.Generator().manual_seed(seed)
     vocab = engine.model_config.vocab_size
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     for _ in range(args.batch_size):
@@ -66,7 +67,7 @@ def profile_decode(engine: LLMEngine, args, device: str) -> dict[str, list[dict]
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
-        run_once(engine, args, device)
+        run_once(engine, args, device, seed=2000)
     events = prof.key_averages()
     tables = {}
     for name, key in (("device", "self_device_time_total"), ("host", "self_cpu_time_total")):
@@ -106,16 +107,16 @@ def main(args: argparse.Namespace, cfg: EngineConfig) -> dict:
     engine = make_engine(cfg)
     device = cfg.resolved_device()
     try:
-        for _ in range(args.num_iters_warmup):
-            run_once(engine, args, device)
+        for i in range(args.num_iters_warmup):
+            run_once(engine, args, device, seed=1000 + i)
         ttfts, tpots = [], []
         if _multi_rank(engine):
             engine.executor.call("step_times")
         timeline = device == "cuda" and getattr(engine, "executor", None) is not None
         if timeline:  # CUDA events around every rank's steps: GPU busy time and the idle gap between steps
             engine.executor.call("gpu_timeline", True)
-        for _ in range(args.num_iters):
-            ttft, steps = run_once(engine, args, device)
+        for i in range(args.num_iters):
+            ttft, steps = run_once(engine, args, device, seed=i)
             ttfts.append(ttft)
             tpots += steps
         result = _report(engine, args, cfg, device, ttfts, tpots)

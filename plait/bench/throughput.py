@@ -57,7 +57,7 @@ def measure(cfg: EngineConfig, args) -> dict:
     cfg = cfg.replace(max_model_len=cfg.max_model_len or args.input_len + args.output_len + 16)
     engine = make_engine(cfg)
     try:
-        run(engine, 2 * cfg.data_parallel_size, args.input_len, 4)  # compile and tune on every replica
+        run(engine, 2 * cfg.data_parallel_size, args.input_len, 4, seed=1)  # compile and tune on every replica
         figures = run(engine, args.num_prompts, args.input_len, args.output_len)
     finally:
         engine.shutdown()

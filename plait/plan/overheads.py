@@ -76,7 +76,8 @@ def _measure(model: str, tp: int, device: str, itemsize: int) -> list[tuple[int,
 
     cfg = EngineConfig(model=model, load_format="dummy", device=device, dtype="bfloat16" if itemsize == 2 else "float32",
                        tensor_parallel_size=tp, max_model_len=INPUT_LEN + OUTPUT_LEN + 16, max_num_seqs=max(BATCHES),
-                       max_num_batched_tokens=max(BATCHES) * INPUT_LEN)
+                       max_num_batched_tokens=max(BATCHES) * INPUT_LEN,
+                       enable_prefix_caching=False)  # every batch computes its prompts: the model prices no cache hits
     engine = LLMEngine(cfg)
     try:
         run_batch(engine, 1, INPUT_LEN, 4)
