@@ -146,3 +146,22 @@ def test_prefill_graphs_match_eager_prefill(checkpoint, kw):
         finally:
             llm.shutdown()
     assert_runs_match(runs[1], runs[0])
+
+
+@needs_cuda
+def test_prefix_caching_matches_no_caching(checkpoint):
+    """Prompts sharing a long prefix: with the cache, later prompts run the Triton paged prefill over cached blocks
+    (no prefill graph, no flash path for fresh prompts); the same generations as computing every prompt."""
+    params = SamplingParams(temperature=0, max_tokens=8, logprobs=5, ignore_eos=True)
+    system = list(range(200, 300))
+    prompts = [system + [7, 8, 9], system + list(range(40, 60)), system]
+    runs = []
+    for caching in (True, False):
+        llm = LLM(checkpoint[0], dtype="float32", device="cuda", max_model_len=512, kv_cache_memory_bytes=1 << 30,
+                  enable_prefix_caching=caching)
+        try:
+            runs.append([llm.generate([p], params, use_tqdm=False)[0] for p in prompts])
+            assert llm.engine.prefix_cache_tokens()[1] >= (2 * 96 if caching else 0)  # 96 of 100 tokens in full blocks
+        finally:
+            llm.shutdown()
+    assert_runs_match(runs[1], runs[0])
