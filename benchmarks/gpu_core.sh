@@ -25,6 +25,7 @@ if [ "$ngpu" -ge 2 ]; then
   timeout 200 $B --tp 2 --batch-size 1 --input-len 128 --output-len 256 --num-iters 3 --max-num-seqs 8 --output-json "$OUT/latency_tp2_bs1.json" | tail -4
   timeout 200 $B --tp 2 --all-reduce-backend nccl --batch-size 1 --input-len 128 --output-len 256 --num-iters 3 --max-num-seqs 8 --output-json "$OUT/latency_tp2_bs1_nccl.json" | tail -4
 fi
+timeout 150 python3 benchmarks/small_m_gemv.py --output-json "$OUT/small_m_gemv.json" | tail -21
 [ -n "${HF:-}" ] && timeout 240 python3 benchmarks/hf_compare.py --preset llama3-8b --output-json "$OUT/hf_compare_tp1.json" 2>&1 | tail -2
 python3 - "$OUT" <<'PY'
 import json, pathlib, sys
@@ -33,6 +34,6 @@ for f in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
     if r["benchmark"] == "latency":
         fl = r.get("floors", {})
         print(f"{f.stem:26s} TTFT {r['ttft_ms']['median']:8.2f} ms (floor {fl.get('prefill_ms', 0):7.2f})  TPOT {r['tpot_ms']['median']:7.3f} ms (floor {fl.get('decode_ms', 0):6.3f}, x{fl.get('tpot_over_floor', 0):.2f}) ar {fl.get('all_reduce_us', 0):.1f}us")
-    else:
+    elif r["benchmark"] == "hf_compare":
         print(f"{f.stem:26s} HF TPOT {r['tpot_ms']:.2f} ms  prefill {r['prefill_ms']:.1f} ms")
 PY

@@ -87,3 +87,10 @@ def test_all_reduce_add_rms_norm_over_peer_buffers(world, tokens):
         assert torch.equal(buf, buffers[0])  # bit-identical on every rank: each row was written by one rank
     torch.testing.assert_close(buffers[0].cpu(), ref_out, atol=1e-5, rtol=1e-5)
     assert [owned_rows(tokens, world, r) for r in range(world)][-1][1] == tokens
+
+
+def test_small_m_gemv_probe_matches_pytorch():
+    """The Triton GEMV that benchmarks/small_m_gemv.py times against cuBLAS (with its SiLU-and-mul prologue)."""
+    from benchmarks.small_m_gemv import check
+
+    check(DEVICE)
