@@ -6,6 +6,8 @@
 #   sat              saturation: 256 requests, 128 in flight, 512 in / 128 out: throughput
 #   trace            benchmarks/serving_trace.jsonl replayed by timestamp (Poisson + bursts, long-tailed inputs)
 #   rate             TP=G only (issue 4): 200 random requests at 20/s, at most 32 in flight, goodput, plots
+#   prefix           TP=G only: 128 requests sharing a 2048-token prefix (+128 own, 64 out), 16 in flight: what
+#                    prefix caching serves (the server's /metrics hit counters show it)
 # Layouts in order of value: tp4 shift4 (SP4 <-> TP4) dp4 sp4 pp4 tp2pp2 sp2tp2, each one server start (~30-60 s)
 # and its workloads (~50 s, tp4 ~65 s). Inside the 560 s budget a layout starts only with 75 s left (plus 15 for the
 # report), a workload only with half its 60 s limit left; what does not fit is skipped and named in the result, so a
@@ -37,6 +39,7 @@ if [ -n "${DRY_RUN:-}" ]; then  # the same sections on CPU: plumbing only
   G=2 MODEL=smollm2-135m ENGINE="--device cpu --dtype float32 --max-model-len 512"
   LOW_IN="32 128" LOW_N=2 LOW_OUT=8 SAT="--num-prompts 8 --max-concurrency 4 --random-input-len 32 --random-output-len 8"
   RATE="--num-prompts 8 --request-rate 4 --max-concurrency 4 --random-input-len 32 --random-output-len 8"
+  PREFIX="--num-prompts 8 --max-concurrency 4 --random-prefix-len 64 --random-input-len 16 --random-output-len 8"
   TRACE=$RUNS/trace.jsonl START_S=180 MIN_S=40 RUN_S=90
   $PY benchmarks/serving_trace.py "$TRACE" --duration 2 --rate 2 --bursts 1 --burst-size 3 --input-median 24 \
     --input-max 128 --output-median 6 --output-max 8
@@ -46,6 +49,7 @@ else
   LOW_IN="512 4096" LOW_N=3 LOW_OUT=256
   SAT="--num-prompts 256 --max-concurrency 128 --random-input-len 512 --random-output-len 128"
   RATE="--num-prompts 200 --request-rate 20 --max-concurrency 32 --random-input-len 512 --random-output-len 128"
+  PREFIX="--num-prompts 128 --max-concurrency 16 --random-prefix-len 2048 --random-input-len 128 --random-output-len 64"
   TRACE=benchmarks/serving_trace.jsonl START_S=150 MIN_S=75 RUN_S=60
   if ls .whl/*.whl > /dev/null 2>&1; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
@@ -104,6 +108,7 @@ serve() {  # serve LAYOUT: start the server, run the workloads, stop it (SIGTERM
     bench "${name}_sat" $SAT
     bench "${name}_trace" --dataset-name trace --dataset-path "$TRACE"
     [ "$name" = "tp$G" ] && bench "${name}_rate" $RATE --goodput ttft:500 tpot:50 --plot "$OUT/${name}_rate"
+    [ "$name" = "tp$G" ] && bench "${name}_prefix" $PREFIX
   else
     echo "   no server after $i s"; FAILED="$FAILED $name"
   fi

@@ -111,6 +111,10 @@ def test_random_prompts_are_cut_by_the_server_tokenizer(server):
     assert all(15 <= r.prompt_len <= 45 and 2 <= r.output_len <= 7 for r in reqs)
     assert len({r.prompt for r in reqs}) == 20
     assert all(abs(len(tok.encode(r.prompt)) - r.prompt_len) <= 1 for r in reqs)  # decode then encode: near-exact
+    shared = random_requests(5, 10, 5, 0.0, np.random.default_rng(2), tok, prefix_len=40)  # --random-prefix-len 40
+    assert len({tuple(r.prompt.split()[:12]) for r in shared}) == 1  # every prompt opens with the same words
+    assert len({r.prompt for r in shared}) == 5 and all(r.prompt_len == 50 for r in shared)
+    assert all(abs(len(tok.encode(r.prompt)) - 50) <= 2 for r in shared)
 
 
 def test_load_run_loses_nothing(server, tmp_path):

@@ -54,11 +54,19 @@ def _lengths(mean: int, range_ratio: float, n: int, rng: np.random.Generator) ->
 
 
 def random_requests(n: int, input_len: int, output_len: int, range_ratio: float, rng: np.random.Generator,
-                    tokenizer: Tokenizer | None) -> list[SampleRequest]:
-    if input_len < 1 or output_len < 1:
-        raise ValueError(f"--random-input-len and --random-output-len must be >= 1, got {input_len}, {output_len}")
+                    tokenizer: Tokenizer | None, prefix_len: int = 0) -> list[SampleRequest]:
+    """`prefix_len` > 0 starts every prompt with the same random text of that many tokens (a shared system prompt,
+    as vLLM's --random-prefix-len), before its own `input_len` (+- the range) tokens."""
+    if input_len < 1 or output_len < 1 or prefix_len < 0:
+        raise ValueError(f"--random-input-len and --random-output-len must be >= 1 and --random-prefix-len >= 0, got "
+                         f"{input_len}, {output_len}, {prefix_len}")
+    prefix, counted = random_prompt(prefix_len, rng, tokenizer) if prefix_len else ("", 0)
     ins, outs = _lengths(input_len, range_ratio, n, rng), _lengths(output_len, range_ratio, n, rng)
-    return [SampleRequest(*random_prompt(i, rng, tokenizer), o) for i, o in zip(ins, outs)]
+    requests = []
+    for i, o in zip(ins, outs):
+        text, count = random_prompt(i, rng, tokenizer)
+        requests.append(SampleRequest(f"{prefix} {text}" if prefix else text, counted + count, o))
+    return requests
 
 
 def sharegpt_requests(path: str, n: int, rng: np.random.Generator, tokenizer: Tokenizer | None,

@@ -73,7 +73,7 @@ def load_requests(args: argparse.Namespace, tokenizer: ServerTokenizer | None,
         raise ValueError(f"--num-prompts must be >= 1, got {args.num_prompts}")
     if args.dataset_name == "random":
         return datasets.random_requests(args.num_prompts, args.random_input_len, args.random_output_len,
-                                        args.random_range_ratio, rng, tokenizer)
+                                        args.random_range_ratio, rng, tokenizer, args.random_prefix_len)
     if not args.dataset_path:
         raise ValueError(f"--dataset-name {args.dataset_name} needs --dataset-path")
     if args.dataset_name == "sharegpt":

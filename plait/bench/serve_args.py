@@ -32,6 +32,9 @@ def add_bench_serve_args(p: argparse.ArgumentParser) -> None:
     data.add_argument("--random-output-len", type=int, default=128)
     data.add_argument("--random-range-ratio", type=float, default=0.0,
                       help="Lengths are drawn uniformly from [len * (1 - r), len * (1 + r)]; r in [0, 1).")
+    data.add_argument("--random-prefix-len", type=int, default=0,
+                      help="Tokens of one random prefix that every random prompt starts with (a shared system "
+                           "prompt: what prefix caching serves), before its own --random-input-len tokens.")
     data.add_argument("--sharegpt-output-len", type=int, default=None,
                       help="Output length of every ShareGPT request (default: its recorded answer's length).")
     data.add_argument("--seed", type=int, default=0)
