@@ -5,8 +5,8 @@ gate_up and down run at ~4.1-4.2 TB/s, but qkv and o_proj at ~3.1 TB/s, and both
 split-K reduce kernel; the SiLU-and-mul between gate_up and down is one more kernel. This times, for each
 projection of that shape and M = 1, 2, 4, 8 rows, cuBLAS (`x @ W.T`, plus the SiLU kernel for down) against one
 Triton kernel that streams W once per output block and, for down, computes SiLU(gate) * up from the gate_up output
-as it loads it (no SiLU kernel, no split-K reduce). Each op is replayed 50 times inside a CUDA graph, as in a decode
-step; the figure is microseconds per op and the weight bytes over that time.
+as it loads it (no SiLU kernel, no split-K reduce). Each op is captured 20 times in a CUDA graph (the microbenchmarks'
+`time_graph`), as in a decode step; the figure is microseconds per op and the weight bytes over that time.
 
     TRITON_INTERPRET=1 python benchmarks/small_m_gemv.py --check     # correctness against PyTorch, on CPU
     python benchmarks/small_m_gemv.py --output-json OUT.json         # on the GPU: the table
@@ -86,22 +86,11 @@ SHAPES = [("qkv", 6144, 4096, False), ("o_proj", 4096, 4096, False), ("gate_up",
           ("down", 4096, 14336, True), ("lm_head", 128256, 4096, False)]
 
 
-def _graph_us(fn, reps: int = 50, iters: int = 20) -> float:
-    """Microseconds per call of fn, replayed `reps` at a time from a CUDA graph (as a decode step runs it)."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (iters * reps)
+def _graph_us(fn) -> float:
+    """Microseconds per call of fn, captured many times in one CUDA graph (as a decode step runs it)."""
+    from plait.plan.microbench import time_graph
+
+    return time_graph(fn, replays=20) * 1e6
 
 
 def sweep() -> list[dict]:

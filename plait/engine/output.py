@@ -57,12 +57,12 @@ class StepOutputs:
 Decode = Callable[[list[int], bool], str]  # (ids, skip_special_tokens) -> text
 
 
-def text_decoder(tokenizer) -> Decode | None:
+def text_decoder(tokenizer) -> Decode:
     """The tokenizer's decode, called straight on its Rust backend where that gives the same text (no clean-up of
     spaces after decoding): transformers' wrapper costs ~5 us a call in conversions, and detokenization makes two
-    calls per token per sequence, on the host, every step."""
+    calls per token per sequence, on the host, every step. Without a tokenizer every text is empty."""
     if tokenizer is None:
-        return None
+        return lambda ids, skip: ""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", True):
         return lambda ids, skip: backend.decode(ids, skip_special_tokens=skip)
@@ -77,7 +77,7 @@ class IncrementalDetokenizer:
     it ends in an incomplete UTF-8 character (U+FFFD) and released by `flush` when the sequence ends.
     """
 
-    def __init__(self, decode: Decode | None, skip_special_tokens: bool):
+    def __init__(self, decode: Decode, skip_special_tokens: bool):
         self.decode, self.skip = decode, skip_special_tokens
         self.ids: list[int] = []
         self.prefix = self.read = 0
@@ -90,7 +90,7 @@ class IncrementalDetokenizer:
         return self._delta(final=True)
 
     def _delta(self, final: bool) -> str:
-        if self.decode is None or self.read == len(self.ids):
+        if self.read == len(self.ids):
             return ""
         before = self.decode(self.ids[self.prefix : self.read], self.skip)
         after = self.decode(self.ids[self.prefix :], self.skip)
@@ -163,8 +163,7 @@ class OutputProcessor:
         return outputs
 
     def _position(self, lp: TokenLogprobs) -> PositionLogprobs:
-        text = (lambda t: self.decode([t], False)) if self.decode else (lambda t: "")
-        return {t: Logprob(v, r, text(t)) for t, v, r in zip(lp.token_ids, lp.logprobs, lp.ranks)}
+        return {t: Logprob(v, r, self.decode([t], False)) for t, v, r in zip(lp.token_ids, lp.logprobs, lp.ranks)}
 
     def _append(self, p: SamplingParams, out: SeqOutput, d: TokenDelta) -> None:
         """Add one token; a stop token is left out of the text unless include_stop_str_in_output asks for it."""

@@ -31,7 +31,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self._finished_ids: list[int] = []  # told to the ranks with the next plan, so they drop their state
         self._late_tokens: list[tuple[int, int, int]] = []  # placeholders resolved since the last plan
-        self._planned: list[Sequence] = []  # the sequences of the plan being made
+        self._planned: list[Sequence] = []  # with prefix caching: the sequences of the plan being made
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -74,9 +74,8 @@ class Scheduler:
             break
         if not preempted:
             budget = self._admit(plan, budget)
-        if self.blocks.prefix_caching:  # after the plan is made, so no sequence of this plan reads what it writes
-            for seq in self._planned:
-                self.blocks.register(seq.seq_id, seq.token_ids, min(seq.num_computed_tokens, seq.num_tokens))
+        for seq in self._planned:  # keyed after the plan is made, so no sequence of this plan reads what it writes
+            self.blocks.register(seq.seq_id, seq.token_ids, min(seq.num_computed_tokens, seq.num_tokens))
         self._planned.clear()
         return plan
 
@@ -118,7 +117,8 @@ class Scheduler:
         """Schedule n tokens from the sequence's next position and advance it past them now."""
         start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
         table = self.blocks.grow(seq.seq_id, end)
-        self._planned.append(seq)
+        if self.blocks.prefix_caching:
+            self._planned.append(seq)
         known = seq.token_ids[start:end]
         sample = end == seq.num_tokens + seq.num_pending
         seq.num_computed_tokens = end

@@ -75,7 +75,8 @@ class StepSampler:
         self.comm, self.sampled, self.device = ctx.stage_group, sampled, device  # every rank holding the logits
         self.spread = cfg.sampling_parallel and self.comm.size > 1
         self.answers = self.spread or ctx.is_sampler
-        self.share_tokens = cfg.resolved_async_scheduling() and self.comm.size > 1  # every rank feeds the next step's inputs
+        # every rank feeds the next step's inputs
+        self.share_tokens = cfg.resolved_async_scheduling() and self.comm.size > 1
         seed = cfg.seed + (self.comm.rank if self.spread else 0)  # spread ranks draw unseeded noise independently
         self.sampler = Sampler(device, eos_token_ids, seed) if self.answers else None
         heads = [m for m in model.modules() if isinstance(m, ParallelLMHead)]
