@@ -20,10 +20,14 @@ PHASE=${1:-all}
 WORK=${WORK:-/tmp/pt}
 CORPUS=${CORPUS:-.ptq/corpus.npz}
 TRAIN_SECONDS=${TRAIN_SECONDS:-120}    # per training run (5 runs share the GPUs at once)
+# Tokens per run, the same for all. On one GPU the PT runs (4 tracks in one process) are about half as fast as dense:
+# 400 s there reached 17.6M tokens (benchmarks/results/pt_quality_h200x1.json), so 14M lets every run finish its
+# schedule (a run cut by the budget is compared at equal steps only).
+ngpu=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+TOKENS=${TOKENS:-$([ "$ngpu" -ge 4 ] && echo 32000000 || echo 14000000)}
 VARIANT_SECONDS=${VARIANT_SECONDS:-55}  # per model of the speed sweep, startup included
 mkdir -p "$OUT" "$WORK/runs" "$WORK/speed"
 exec > >(tee -a "$OUT/pt_device.log") 2>&1
-ngpu=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 echo "phase $PHASE on $ngpu GPUs, $(date -u +%FT%TZ)"
 
 quality() {
@@ -36,7 +40,7 @@ quality() {
     IFS=: read -r name tracks depth <<< "$spec"
     CUDA_VISIBLE_DEVICES=$((i % ngpu)) timeout $((TRAIN_SECONDS + 40)) python3 -m benchmarks.pt_quality.train \
       --corpus "$CORPUS" --out "$WORK/runs" --name "$name" --tracks "$tracks" --block-depth "$depth" \
-      --max-seconds "$TRAIN_SECONDS" > "$WORK/train_$name.log" 2>&1 &
+      --max-seconds "$TRAIN_SECONDS" --tokens "$TOKENS" > "$WORK/train_$name.log" 2>&1 &
     pids+=($!)
     i=$((i + 1))
   done

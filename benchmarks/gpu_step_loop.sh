@@ -52,11 +52,14 @@ for section in $SECTIONS; do
     need 4 sampling_tp4_bs256 && run sampling_tp4_bs256 90 python3 benchmarks/spread_sampling.py --gpus 4 --batch-size 256
     ;;
   throughput)  # where host work matters most: SmolLM2 on one GPU, Llama-3.2-1B at TP=2
-    # 4096 prompts (~15 s a run): 512 lasted 1.5-2.5 s and varied by a third between identical runs. Each setting
-    # twice, alternating, so a drift of the machine touches both.
+    # 4096 prompts: 512 lasted 1.5-2.5 s and varied by a third between identical runs. Each setting twice,
+    # alternating, so a drift of the machine touches both. With SmolLM2's tokenizer (carry .tok, made as
+    # benchmarks/serving_tokenizer.py says), so every token is detokenized as a user's would be.
     T="$P bench throughput --dtype bfloat16 --device cuda --num-prompts 4096 --input-len 64 --output-len 128 --max-num-seqs 256"
+    if [ -d .tok/smollm2-135m ]; then T="$T --tokenizer .tok/smollm2-135m"; else echo "== no .tok/smollm2-135m: no detokenization"; fi
     for i in 1 2; do
       run throughput_smollm2_tp1_off_$i 70 $T smollm2-135m $OFF
+      run throughput_smollm2_tp1_sched_$i 70 $T smollm2-135m --async-scheduling
       run throughput_smollm2_tp1_on_$i 70 $T smollm2-135m $ON
     done
     need 2 throughput_llama1b_tp2_off && run throughput_llama1b_tp2_off 80 $T llama3.2-1b --tp 2 $OFF

@@ -2,6 +2,6 @@
 
 from plait.entrypoints.llm import LLM
 from plait.outputs import CompletionOutput, Logprob, RequestOutput
-from plait.sampling_params import SamplingParams
+from plait.sampling_params import RequestOutputKind, SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+__all__ = ["LLM", "SamplingParams", "RequestOutputKind", "RequestOutput", "CompletionOutput", "Logprob"]

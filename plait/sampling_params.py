@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 _EPS = 1e-5
+
+
+class RequestOutputKind(Enum):
+    """vLLM's names. CUMULATIVE: an output each step a request progresses, with everything so far (streaming).
+    FINAL_ONLY: an output when a completion of the request ends, the last one with every completion done; the
+    offline API asks for this, so a long batch does not rebuild every request's outputs on every step."""
+
+    CUMULATIVE = 0
+    FINAL_ONLY = 2
 
 
 @dataclass
@@ -35,6 +45,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import random
 
@@ -13,10 +14,10 @@ import pytest
 import torch
 
 from conftest import make_checkpoint, random_prompts
-from plait import LLM, SamplingParams
+from plait import LLM, RequestOutputKind, SamplingParams
 from plait.config import EngineConfig
 from plait.core import PLACEHOLDER, SeqStatus
-from plait.engine.output import IncrementalDetokenizer, text_decoder
+from plait.engine.output import IncrementalDetokenizer, new_texts, text_decoder
 from plait.engine.sampler import SampleInput, Sampler
 from test_scheduler import add, make_scheduler, make_seq
 
@@ -84,12 +85,23 @@ def test_penalties_count_a_pending_token_as_if_it_were_known():
 
 
 def test_incremental_text_equals_decoding_the_whole_list(tokenizer):
+    """Several growing sequences (both skip settings) decoded together, one token each per round, as a step does."""
     rng = random.Random(0)
-    ids = [rng.randrange(tokenizer.vocab_size) for _ in range(300)] + list(range(100, 260))  # raw bytes too
-    for skip in (True, False):
-        detok = IncrementalDetokenizer(text_decoder(tokenizer), skip)  # through the Rust backend (no clean-up)
-        text = "".join(detok.add(t) for t in ids) + detok.flush()
-        assert text == tokenizer.decode(ids, skip_special_tokens=skip)
+    lists = [[rng.randrange(tokenizer.vocab_size) for _ in range(300)] + list(range(100, 260)),  # raw bytes too
+             list(range(100, 260)) + [rng.randrange(tokenizer.vocab_size) for _ in range(120)]]
+    cases = [(ids, skip) for ids in lists for skip in (True, False)]
+    detoks = [IncrementalDetokenizer(skip) for _, skip in cases]
+    texts = [""] * len(cases)
+    decode = text_decoder(tokenizer)  # through the Rust backend (no clean-up)
+    for step in range(max(len(ids) for ids, _ in cases)):
+        growing = [i for i, (ids, _) in enumerate(cases) if step < len(ids)]
+        for i in growing:
+            detoks[i].ids.append(cases[i][0][step])
+        for i, text in zip(growing, new_texts(decode, [detoks[i] for i in growing], final=False)):
+            texts[i] += text
+    for i, text in enumerate(new_texts(decode, detoks, final=True)):
+        ids, skip = cases[i]
+        assert texts[i] + text == tokenizer.decode(ids, skip_special_tokens=skip)
 
 
 def test_text_decoder_keeps_transformers_clean_up_where_asked(tokenizer):
@@ -97,8 +109,8 @@ def test_text_decoder_keeps_transformers_clean_up_where_asked(tokenizer):
     ids = tokenizer.encode("Hello , world ! It 's fine .")
     cleaning = copy.copy(tokenizer)
     cleaning.clean_up_tokenization_spaces = True
-    assert text_decoder(cleaning)(ids, True) == cleaning.decode(ids, skip_special_tokens=True)
-    assert text_decoder(tokenizer)(ids, True) == tokenizer.decode(ids, skip_special_tokens=True)
+    assert text_decoder(cleaning)([ids], True) == [cleaning.decode(ids, skip_special_tokens=True)]
+    assert text_decoder(tokenizer)([ids], True) == [tokenizer.decode(ids, skip_special_tokens=True)]
 
 
 # --- the whole loop: every mode against the plain one, on one mixed workload ---------------------------------------
@@ -205,6 +217,23 @@ def test_every_mode_gives_the_plain_loops_outputs(folder, reference, tp, modes):
         assert any(len(s.token_ids) > 1 and s.start > 0 for plan in sent for s in plan.seqs)  # chunked prefill
         recomputed = any(len(d.token_ids) > d.prompt_len for plan in sent for d in plan.new_seqs)
         assert recomputed, f"the small cache should have preempted someone ({kw})"
+
+
+def test_final_only_requests_give_the_same_outputs_once_a_completion_ends(folder, reference):
+    """The offline API's output kind (what LLM.generate asks for): the same final outputs, and an output only at a
+    step where a completion of the request ended, with the output thread behind an asynchronous loop."""
+    prompts, params, want = reference
+    final = [dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY) for p in params]
+    llm = LLM(folder, **ENGINE, async_scheduling=True, async_output_proc=True)
+    seen = []
+    step = llm.engine.step
+    llm.engine.step = lambda: (outs := step(), seen.extend(outs))[0]
+    try:
+        got, _ = drive(llm, prompts, final)
+    finally:
+        llm.shutdown()
+    assert_same_outputs(got, want)
+    assert seen and all(any(c.finish_reason is not None for c in out.outputs) for out in seen)
 
 
 # --- spread sampling draws from the filtered distribution ----------------------------------------------------------

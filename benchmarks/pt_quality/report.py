@@ -27,18 +27,31 @@ def load_runs(folder: str) -> list[dict]:
     return sorted(runs, key=lambda r: (r["model"]["num_tracks"] > 1, r["model"]["block_depth"]))
 
 
+def paired_train_loss(run: dict, dense: dict, points: int = 10) -> tuple[float, float]:
+    """(run, dense) mean training loss over the run's last `points` curve entries, at the same steps. Every run reads
+    the same batch at each step under the same learning-rate schedule, so this compares them at equal tokens also
+    when a run was stopped early by its time budget (its held-out loss then comes from a model not annealed)."""
+    dense_at = dict(dense["train_curve"])
+    pairs = [(loss, dense_at[step]) for step, loss in run["train_curve"][-points:] if step in dense_at]
+    return sum(a for a, _ in pairs) / len(pairs), sum(b for _, b in pairs) / len(pairs)
+
+
 def table(runs: list[dict]) -> str:
     dense = next((r for r in runs if r["model"]["num_tracks"] == 1), None)
-    lines = ["| run | tracks | D | syncs/forward | params | tokens | held-out bits/byte | vs dense |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | tracks | D | syncs/forward | params | tokens | held-out bits/byte | vs dense "
+             "| train loss vs dense, same steps |", "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         m = r["model"]
         syncs = m["num_layers"] // m["block_depth"] if m["num_tracks"] > 1 else 2 * m["num_layers"]
         delta = f"{(r['val_bits_per_byte'] / dense['val_bits_per_byte'] - 1) * 100:+.2f}%" if dense else "-"
+        paired = "-"
+        if dense and r is not dense:
+            mine, theirs = paired_train_loss(r, dense)
+            paired = f"{mine:.4f} vs {theirs:.4f} ({(mine / theirs - 1) * 100:+.2f}%, steps {r['train_curve'][-10][0]}-{r['steps_done']})"
         done = "" if r["complete"] else f" (stopped at {r['steps_done']}/{r['steps']} steps)"
         lines.append(f"| {r.get('name', '?')} | {m['num_tracks']} | {m['block_depth'] if m['num_tracks'] > 1 else '-'} | "
                      f"{syncs} | {r['params'] / 1e6:.2f}M | {r['tokens_seen'] / 1e6:.1f}M{done} | "
-                     f"{r['val_bits_per_byte']:.4f} | {delta} |")
+                     f"{r['val_bits_per_byte']:.4f} | {delta} | {paired} |")
     return "\n".join(lines)
 
 
@@ -52,6 +65,10 @@ def plot(runs: list[dict], path: str) -> None:
     pt = [r for r in runs if r["model"]["num_tracks"] > 1]
     ax_d.plot([r["model"]["block_depth"] for r in pt], [r["val_bits_per_byte"] for r in pt], "o-",
               label=f"PT, {pt[0]['model']['num_tracks']} tracks" if pt else "PT")
+    stopped = [r for r in pt if not r["complete"]]
+    if stopped:  # hollow: cut by the time budget before the end of its schedule
+        ax_d.plot([r["model"]["block_depth"] for r in stopped], [r["val_bits_per_byte"] for r in stopped], "o",
+                  mfc="white", label="stopped early (fewer tokens, not annealed)")
     for r in runs:
         if r["model"]["num_tracks"] == 1:
             ax_d.axhline(r["val_bits_per_byte"], color="k", ls="--", label="dense (TP syncs 2 per layer)")

@@ -20,7 +20,7 @@ import torch
 from plait.bench.results import write_result
 from plait.config import EngineConfig
 from plait.engine.data_parallel import make_engine
-from plait.sampling_params import SamplingParams
+from plait.sampling_params import RequestOutputKind, SamplingParams
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -40,7 +40,8 @@ def run(engine, num_prompts: int, input_len: int, output_len: int, seed: int = 0
     """Add every request, step until all are done; random prompt ids, greedy, no early stop."""
     g = torch.Generator().manual_seed(seed)
     vocab = engine.model_config.vocab_size
-    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True,
+                            output_kind=RequestOutputKind.FINAL_ONLY)
     start = time.perf_counter()
     for _ in range(num_prompts):
         engine.add_request(torch.randint(0, vocab, (input_len,), generator=g).tolist(), params)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from plait.core import TokenLogprobs
 from plait.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
-from plait.sampling_params import SamplingParams
+from plait.sampling_params import RequestOutputKind, SamplingParams
 
 
 @dataclass
@@ -54,19 +54,21 @@ class StepOutputs:
     prompts: list[PromptDelta] = field(default_factory=list)
 
 
-Decode = Callable[[list[int], bool], str]  # (ids, skip_special_tokens) -> text
+Decode = Callable[[list[list[int]], bool], list[str]]  # (id lists, skip_special_tokens) -> their texts
 
 
 def text_decoder(tokenizer) -> Decode:
-    """The tokenizer's decode, called straight on its Rust backend where that gives the same text (no clean-up of
-    spaces after decoding): transformers' wrapper costs ~5 us a call in conversions, and detokenization makes two
-    calls per token per sequence, on the host, every step. Without a tokenizer every text is empty."""
+    """The tokenizer's batch decode, called straight on its Rust backend where that gives the same text (no
+    clean-up of spaces after decoding). A step's detokenization is one call for every sequence: transformers'
+    wrapper costs ~5 us a call in conversions, and the backend's batch decode releases the GIL while it runs, so
+    on the output thread it does not slow the step loop (a call per sequence holds the GIL). Without a tokenizer
+    every text is empty."""
     if tokenizer is None:
-        return lambda ids, skip: ""
+        return lambda batch, skip: [""] * len(batch)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", True):
-        return lambda ids, skip: backend.decode(ids, skip_special_tokens=skip)
-    return lambda ids, skip: tokenizer.decode(ids, skip_special_tokens=skip)
+        return lambda batch, skip: backend.decode_batch(batch, skip_special_tokens=skip)
+    return lambda batch, skip: tokenizer.batch_decode(batch, skip_special_tokens=skip)
 
 
 class IncrementalDetokenizer:
@@ -74,30 +76,40 @@ class IncrementalDetokenizer:
 
     vLLM's prefix/read offsets: decode(ids[prefix:]) minus decode(ids[prefix:read]) is the new text. Both windows
     start at the same token, so what a tokenizer does at a window's start cancels out; new text is held back while
-    it ends in an incomplete UTF-8 character (U+FFFD) and released by `flush` when the sequence ends.
+    it ends in an incomplete UTF-8 character (U+FFFD) and released by a final decode when the sequence ends.
+    The decoding itself is `new_texts`, for many detokenizers at once.
     """
 
-    def __init__(self, decode: Decode, skip_special_tokens: bool):
-        self.decode, self.skip = decode, skip_special_tokens
+    def __init__(self, skip_special_tokens: bool):
+        self.skip = skip_special_tokens
         self.ids: list[int] = []
         self.prefix = self.read = 0
 
-    def add(self, token: int) -> str:
-        self.ids.append(token)
-        return self._delta(final=False)
+    @property
+    def has_new(self) -> bool:
+        return self.read < len(self.ids)
 
-    def flush(self) -> str:
-        return self._delta(final=True)
+    def windows(self) -> tuple[list[int], list[int]]:
+        return self.ids[self.prefix : self.read], self.ids[self.prefix :]
 
-    def _delta(self, final: bool) -> str:
-        if self.read == len(self.ids):
-            return ""
-        before = self.decode(self.ids[self.prefix : self.read], self.skip)
-        after = self.decode(self.ids[self.prefix :], self.skip)
+    def settle(self, before: str, after: str, final: bool) -> str:
+        """The new text, given the two windows decoded; advances the offsets past it."""
         if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
             return ""
         self.prefix, self.read = self.read, len(self.ids)
         return after[len(before) :]
+
+
+def new_texts(decode: Decode, detoks: list[IncrementalDetokenizer], final: bool) -> list[str]:
+    """Each detokenizer's new text since the last call, from one decode call per skip_special_tokens setting."""
+    texts = [""] * len(detoks)
+    for skip in (True, False):
+        idx = [i for i, d in enumerate(detoks) if d.skip is skip and d.has_new]
+        if idx:
+            decoded = decode([w for i in idx for w in detoks[i].windows()], skip)
+            for j, i in enumerate(idx):
+                texts[i] = detoks[i].settle(decoded[2 * j], decoded[2 * j + 1], final)
+    return texts
 
 
 @dataclass
@@ -133,7 +145,7 @@ class OutputProcessor:
 
     def add(self, req: NewRequest) -> None:
         p = req.params
-        outs = [SeqOutput(IncrementalDetokenizer(self.decode, p.skip_special_tokens),
+        outs = [SeqOutput(IncrementalDetokenizer(p.skip_special_tokens),
                           logprobs=[] if p.logprobs is not None else None,
                           cumulative_logprob=0.0 if p.logprobs is not None else None) for _ in range(p.n)]
         prompt_lps = [None] * len(req.prompt_token_ids) if p.prompt_logprobs is not None else None
@@ -143,46 +155,59 @@ class OutputProcessor:
         self.states.pop(request_id, None)
 
     def process(self, step: StepOutputs) -> list[RequestOutput]:
-        """Apply one step; returns an output per touched request (a finished one once, then forgotten)."""
+        """Apply one step (at most one token per sequence); returns an output per touched request that wants one
+        (`RequestOutputKind`), a finished request once, then forgotten."""
         for d in step.prompts:
             state = self.states.get(d.request_id)
             if state is not None:
                 for i, lp in enumerate(d.logprobs):
                     state.prompt_logprobs[d.start + 1 + i] = self._position(lp)
-        for d in step.tokens:
-            state = self.states.get(d.request_id)
-            if state is not None and state.outs[d.index].finish_reason is None:
-                self._append(state.request.params, state.outs[d.index], d)
+        live = [(state, state.outs[d.index], d) for d in step.tokens
+                if (state := self.states.get(d.request_id)) is not None and state.outs[d.index].finish_reason is None]
+        for state, out, d in live:
+            self._append(state.request.params, out, d)
+        ended = [(state, out) for (state, out, d), text in zip(live, new_texts(self.decode, [o.detok for _, o, _ in live], False))
+                 if self._settle(state.request.params, out, d, text)]
+        flushed = [out for _, out in ended if not isinstance(out.stop_reason, str)]  # a stop string cut the text
+        for out, text in zip(flushed, new_texts(self.decode, [out.detok for out in flushed], True)):
+            out.text += text
+        ended_ids = {state.request.request_id for state, _ in ended}
         outputs = []
         for request_id in dict.fromkeys(step.touched):
             state = self.states.get(request_id)
-            if state is not None:
+            if state is None:
+                continue
+            if state.request.params.output_kind is RequestOutputKind.CUMULATIVE or request_id in ended_ids:
                 outputs.append(self._request_output(state))
-                if state.finished:
-                    del self.states[request_id]
+            if state.finished:
+                del self.states[request_id]
         return outputs
 
     def _position(self, lp: TokenLogprobs) -> PositionLogprobs:
-        return {t: Logprob(v, r, self.decode([t], False)) for t, v, r in zip(lp.token_ids, lp.logprobs, lp.ranks)}
+        texts = self.decode([[t] for t in lp.token_ids], False)
+        return {t: Logprob(v, r, text) for t, v, r, text in zip(lp.token_ids, lp.logprobs, lp.ranks, texts)}
 
     def _append(self, p: SamplingParams, out: SeqOutput, d: TokenDelta) -> None:
-        """Add one token; a stop token is left out of the text unless include_stop_str_in_output asks for it."""
+        """Add one token's id and logprobs; it goes to the text unless it is a stop token and
+        include_stop_str_in_output does not ask for it."""
         out.token_ids.append(d.token)
         if d.logprobs is not None:
             out.logprobs.append(self._position(d.logprobs))
             out.cumulative_logprob += d.logprobs.logprobs[0]
-        stop_token = d.finish_reason == "stop"
+        if d.finish_reason != "stop" or p.include_stop_str_in_output:
+            out.detok.ids.append(d.token)
+
+    def _settle(self, p: SamplingParams, out: SeqOutput, d: TokenDelta, text: str) -> bool:
+        """Add the token's new text and decide whether the sequence ends here; True when it does."""
         previous = len(out.text)
-        if not stop_token or p.include_stop_str_in_output:
-            out.text += out.detok.add(d.token)
-        if stop_token:
+        out.text += text
+        if d.finish_reason == "stop":
             out.finish_reason, out.stop_reason = "stop", d.stop_reason
         elif len(out.token_ids) > p.min_tokens and self._stop_string(p, out, previous):
             out.finish_reason = "stop"
         elif d.finish_reason is not None:
             out.finish_reason = d.finish_reason
-        if out.finish_reason is not None and not isinstance(out.stop_reason, str):  # a stop string cut the text
-            out.text += out.detok.flush()
+        return out.finish_reason is not None
 
     @staticmethod
     def _stop_string(p: SamplingParams, out: SeqOutput, previous_len: int) -> bool:

@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 from plait.config import EngineConfig
 from plait.engine.data_parallel import make_engine
 from plait.outputs import RequestOutput
-from plait.sampling_params import SamplingParams
+from plait.sampling_params import RequestOutputKind, SamplingParams
 
 Prompt = str | list[int] | dict
 
@@ -41,7 +41,8 @@ class LLM:
         single = isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
         prompts = [prompts] if single else list(prompts)
         params = sampling_params or SamplingParams()
-        params = params if isinstance(params, list) else [params] * len(prompts)
+        final = lambda p: dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY)  # noqa: E731 - as vLLM's LLM
+        params = [final(p) for p in params] if isinstance(params, list) else [final(params)] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
         ids = [self.engine.tokenize(_unwrap(p)) for p in prompts]
