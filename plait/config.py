@@ -214,8 +214,8 @@ class EngineConfig:
     async_scheduling: bool | None = _help("Plan step N+1 while the ranks run step N; sampled tokens feed the next step "
                                           "on the device and reach the host a step later (docs/step_loop.md). "
                                           "Default: on with a GPU and one pipeline stage, else off.", default=None)
-    async_output_proc: bool = _help("Detokenize and check stop strings on a thread behind the step loop; outputs "
-                                    "come a step later.", default=False)
+    async_output_proc: bool = _help("Detokenize, check stop strings and build outputs in a process behind "
+                                    "the step loop; outputs come a step later.", default=False)
     sampling_parallel: bool = _help("Each tensor-parallel rank samples its share of the batch from vocab-parallel "
                                     "logits (all-to-all) instead of one rank sampling gathered logits.", default=False)
     profile_comm: bool = _help("Record every collective (op, bytes, group, step, layer, time); runs eager "

@@ -9,6 +9,8 @@ import copy
 import dataclasses
 import io
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -312,3 +314,29 @@ def test_data_parallel_replicas_plan_ahead_too(folder, reference):
 def test_async_scheduling_with_pipeline_stages_is_refused():
     with pytest.raises(ValueError, match="async_scheduling needs pipeline_parallel_size 1, got 2"):
         EngineConfig(async_scheduling=True, pipeline_parallel_size=2)
+
+
+# --- the output process: its failures reach the caller, never a hang ------------------------------------------------
+
+
+def test_a_dead_output_process_fails_the_next_step(folder):
+    llm = LLM(folder, **ENGINE, async_output_proc=True)
+    try:
+        for i, ids in enumerate(random_prompts(4, vocab=VOCAB, seed=5)):
+            llm.engine.add_request(ids, SamplingParams(max_tokens=30, ignore_eos=True), str(i))
+        llm.engine.step()
+        llm.engine.outputs._proc.kill()
+        with pytest.raises(RuntimeError, match="the output process (failed|is gone)"):
+            for _ in range(40):
+                llm.engine.step()
+    finally:
+        llm.shutdown()
+
+
+def test_an_unguarded_script_gets_a_clear_error_instead_of_a_hang(folder, tmp_path):
+    """A spawned process re-runs a script without `if __name__ == '__main__':` and dies starting up."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(f"from plait import LLM\nLLM({folder!r}, dtype='float32', async_output_proc=True)\n")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240)
+    assert run.returncode != 0
+    assert "under `if __name__ == '__main__':`" in run.stderr

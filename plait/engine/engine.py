@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from plait.config import EngineConfig, resolve_scheduler_config
 from plait.core import Sequence, StepPlan, StepResult
 from plait.engine.kv_cache import BlockManager
-from plait.engine.output import NewRequest, OutputProcessor, PromptDelta, StepOutputs, TokenDelta
-from plait.engine.output_thread import make_outputs
+from plait.engine.output import NewRequest, PromptDelta, StepOutputs, TokenDelta
+from plait.engine.output_proc import make_outputs
 from plait.engine.scheduler import Scheduler
 from plait.engine.stops import token_stop
 from plait.executor.executor import make_executor
@@ -85,7 +85,7 @@ class LLMEngine:
         self.scheduler_of: dict[int, Scheduler] = {}  # seq_id -> the scheduler (micro-batch) that owns it
         self.in_flight: deque[tuple[Scheduler, StepPlan]] = deque()
         self.plans_per_scheduler = 2 if cfg.resolved_async_scheduling() else 1
-        self.outputs = make_outputs(OutputProcessor(self.tokenizer), cfg.async_output_proc)
+        self.outputs = make_outputs(self.tokenizer, cfg.async_output_proc)
         self.requests: dict[str, EngineRequest] = {}
         self.seqs: dict[int, Sequence] = {}
         self._ids = itertools.count()
