@@ -26,6 +26,8 @@ from plait.models.registry import build_model, model_config_from_hf
 from plait.models.weights import load_weights
 from plait.parallel.tensor import TensorParallel
 from plait.parallel.track import TrackLayout, check_track_parallel
+from plait.plan.collectives import rank_collectives
+from plait.plan.shapes import Layout, load_model_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the training code of the quality study is the reference: benchmarks/pt_quality
@@ -100,13 +102,13 @@ def plait_logits(folder: str, comm: Communicator, ids: list[int]) -> torch.Tenso
 
 
 class CountingRecorder:
-    """A recorder (the communicator's CommRecorder protocol) that only counts (op, group size)."""
+    """A recorder (the communicator's CommRecorder protocol) that only lists (op, bytes, group size)."""
 
     def __init__(self):
-        self.counts: Counter = Counter()
+        self.calls: list[tuple[str, int, int]] = []
 
     def begin(self, comm: Communicator, op: str, t: torch.Tensor, peer: int | None) -> None:
-        self.counts[(op, comm.size)] += 1
+        self.calls.append((op, t.numel() * t.element_size(), comm.size))
 
     def end(self, record) -> None:
         raise AssertionError("begin returns no record to end")
@@ -119,14 +121,15 @@ def _collectives_worker(rank: int, world: int, port: int, folders: list[str], id
     for folder in folders:
         comm.recorder = CountingRecorder()  # sub-groups record into their parent's recorder
         logits = plait_logits(folder, comm, ids)
-        queue.put((folder, rank, comm.recorder.counts, logits))
+        queue.put((folder, rank, comm.recorder.calls, logits))
     dist.barrier()
     dist.destroy_process_group()
 
 
 def test_a_forward_runs_one_all_reduce_per_block(pt_models):
     """4 ranks. t4 (a track per rank): the embedding's all-reduce, one per block (L/D = 2, not TP's 2L = 8) and the
-    LM head's gather. t2 (a track over 2 ranks): the track's own 2 per layer and the L/D = 4 combines, in pairs."""
+    LM head's gather. t2 (a track over 2 ranks): the track's own 2 per layer and the L/D = 4 combines, in pairs.
+    The planner's model of them is exact."""
     ids = random_prompts(1, lo=20, hi=21, seed=7)[0]
     folders = [pt_models[name][0] for name in ("t4", "t2")]
     ctx = mp.get_context("spawn")
@@ -146,8 +149,11 @@ def test_a_forward_runs_one_all_reduce_per_block(pt_models):
         folders[0]: {("all_reduce", 4): 1 + 2, ("all_gather", 4): 1},
         folders[1]: {("all_reduce", 4): 1, ("all_reduce", 2): 2 * 4 + 4, ("all_gather", 4): 1},
     }
-    for folder, rank, counts, logits in results:
-        assert counts == expected[folder], f"rank {rank}, {folder}"
+    for folder, rank, calls, logits in results:
+        assert Counter((op, size) for op, _, size in calls) == expected[folder], f"rank {rank}, {folder}"
+        # the analytical model (plait.plan) predicts the same collectives, in order, byte for byte
+        predicted = rank_collectives(load_model_config(folder), Layout(4), rank, len(ids), len(ids), itemsize=4)
+        assert calls == [(c.op, c.bytes, c.group_size) for c in predicted], f"rank {rank}, {folder}"
         ref = dict((f, m) for f, m in pt_models.values())[folder]
         torch.testing.assert_close(logits, ref(torch.tensor([ids]))[0].detach(), atol=1e-4, rtol=0)
 

@@ -126,6 +126,23 @@ def test_sequence_parallel_collectives(smollm2, llama8b):
         Layout(4, sp=4).check(smollm2)
 
 
+def test_parallel_track_collectives_and_shards():
+    """pt-llama3-8b-t4-d4 (4 tracks of 8 heads, 2 KV heads, MLP 3584; 32 layers): a track per rank meets every 4
+    layers (1 + 8 all-reduces instead of TP's 1 + 64); over 8 ranks each track is tensor-parallel over 2."""
+    m = load_model_config("pt-llama3-8b-t4-d4")
+    coll = rank_collectives(m, Layout(4), 2, tokens=3, logit_rows=3, itemsize=2)
+    assert [(c.op, c.group_size, c.site) for c in coll] == (
+        [("all_reduce", 4, "embed")] + [("all_reduce", 4, "combine")] * 8 + [("all_gather", 4, "lm_head")])
+    assert coll[1].bytes == 3 * 4096 * 2
+    wide = rank_collectives(m, Layout(8), 5, tokens=3, logit_rows=3, itemsize=2)
+    assert [(c.group_size, c.site) for c in wide[1:6]] == [(2, "o_proj"), (2, "down_proj")] * 2 + [(2, "o_proj")]
+    assert sum(c.site == "combine" and c.group_size == 4 for c in wide) == 8 and wide[0].group_size == 8
+    assert (rank_shard(m, Layout(4), 1).q_heads, rank_shard(m, Layout(8), 1).intermediate) == (8, 1792)
+    assert (rank_shard(m, Layout(2), 1).q_heads, rank_shard(m, Layout(2), 1).kv_heads) == (16, 4)  # two tracks
+    with pytest.raises(ValueError, match="one pipeline stage, no sequence parallelism"):
+        Layout(2, pp=2).check(m)
+
+
 def test_schedule_replay_chunks_prefill_and_counts_rows():
     steps = microbatch_steps(batch=3, input_len=20, output_len=4, budget=32, max_num_seqs=8, prompt_logprobs=True)
     assert [s.chunks for s in steps[:2]] == [((0, 20), (0, 12)), ((20, 1), (12, 8), (0, 20))]

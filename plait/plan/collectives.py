@@ -15,6 +15,10 @@ Where they come from (plait/layers, plait/parallel/pipeline.py):
   hidden states are all-gathered over the SP group ([P/S, hidden] shard) before the LM head's TP all-gather.
   A shifted step (Shift, T tokens <= threshold) runs as TP over all S*T ranks: no all-to-all and no gather, the
   row-parallel layers all-reduce [T, hidden] over all S*T, the embedding and LM head still over the TP group.
+- Parallel Track (a PT model on M = tp ranks; plait/parallel/track.py): the embedding all-reduces and the LM head
+  all-gathers over all M ranks, as under TP; inside a track of t > 1 ranks each layer's o_proj and down_proj
+  all-reduce [T, hidden] over those t; at the end of each block of D layers the tracks' states are combined by
+  one all-reduce [T, hidden] over the combine group (T ranks, or all M when M < T tracks).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from dataclasses import dataclass
 
 from plait.config import ModelConfig
 from plait.parallel.sequence import SequenceGrid
+from plait.parallel.track import TrackLayout
 from plait.plan.shapes import Layout, rank_shard
 
 LOGITS_ITEMSIZE = 4  # the LM head gathers fp32 logits (ParallelLMHead)
@@ -33,7 +38,7 @@ class Collective:
     op: str  # all_reduce | all_gather | all_to_all | send | recv
     bytes: int  # this rank's buffer, as `CommRecord.bytes` counts it (all_to_all: what it sends)
     group_size: int
-    site: str  # embed | qkv_exchange | out_exchange | o_proj | down_proj | sp_gather | lm_head | stage_in | stage_out
+    site: str  # embed | qkv_exchange | out_exchange | o_proj | down_proj | combine | sp_gather | lm_head | stage_in | stage_out
     layer: int | None = None
     peer: int | None = None  # send / recv: the other rank (within the replica)
     wire_bytes: int = 0  # what the cost model sizes: all-reduce buffer, padded all-gather output, message
@@ -48,6 +53,8 @@ def rank_collectives(m: ModelConfig, layout: Layout, rank: int, tokens: int, log
     """In the order the rank runs them; rank counts within a replica."""
     if layout.sp > 1:
         return sequence_collectives(m, layout, rank, tokens, logit_rows, itemsize)
+    if m.tracks is not None:
+        return track_collectives(m, layout, rank, tokens, logit_rows, itemsize)
     sh = rank_shard(m, layout, rank)
     hidden = tokens * m.hidden_size * itemsize
     tp, out = layout.tp, []
@@ -93,6 +100,25 @@ def sequence_collectives(m: ModelConfig, layout: Layout, rank: int, tokens: int,
     if T > 1 and logit_rows > 0:
         shard, padded_shard = (logit_rows * n * LOGITS_ITEMSIZE for n in (sh.vocab_rows, sh.vocab_rows_max))
         out.append(Collective("all_gather", shard, T, "lm_head", wire_bytes=padded_shard * T))
+    return out
+
+
+def track_collectives(m: ModelConfig, layout: Layout, rank: int, tokens: int, logit_rows: int,
+                      itemsize: int) -> list[Collective]:
+    """rank_collectives of a Parallel Track model (one stage of M = tp ranks)."""
+    M, sh = layout.tp, rank_shard(m, layout, rank)
+    tracks = TrackLayout(m.tracks.num_tracks, M)
+    t, combine = tracks.ranks_per_track, len(tracks.combine_groups()[0])
+    hidden = tokens * m.hidden_size * itemsize
+    out = [Collective("all_reduce", hidden, M, "embed", wire_bytes=hidden)] if M > 1 else []
+    for layer in sh.layers:
+        if t > 1:
+            out += [Collective("all_reduce", hidden, t, site, layer, wire_bytes=hidden) for site in ("o_proj", "down_proj")]
+        if combine > 1 and (layer + 1) % m.tracks.block_depth == 0:
+            out.append(Collective("all_reduce", hidden, combine, "combine", wire_bytes=hidden))  # no layer's module
+    if M > 1 and logit_rows > 0:
+        shard, padded = (logit_rows * rows * LOGITS_ITEMSIZE for rows in (sh.vocab_rows, sh.vocab_rows_max))
+        out.append(Collective("all_gather", shard, M, "lm_head", wire_bytes=padded * M))
     return out
 
 

@@ -11,10 +11,11 @@ import dataclasses
 import functools
 from dataclasses import dataclass
 
-from plait.config import EngineConfig, ModelConfig
+from plait.config import EngineConfig, ModelConfig, ParallelConfig
 from plait.parallel.pipeline import check_pipeline, stage_layers
 from plait.parallel.sequence import SequenceGrid, check_sequence_parallel
 from plait.parallel.tensor import TensorParallel, check_tensor_parallel
+from plait.parallel.track import TrackLayout, check_track_parallel
 
 
 def load_model_config(model: str | None) -> ModelConfig:
@@ -77,6 +78,7 @@ class Layout:
         check_tensor_parallel(self.tp, m.num_heads, m.num_kv_heads)
         check_sequence_parallel(self.sp, self.tp, m.num_heads, m.num_kv_heads)
         check_pipeline(m.num_layers, self.pp, self.partition)
+        check_track_parallel(ParallelConfig(self.tp, self.pp, self.dp, self.partition, self.sp), m)
 
 
 @dataclass(frozen=True)
@@ -110,17 +112,35 @@ def rank_shard(m: ModelConfig, layout: Layout, rank: int) -> RankShard:
     assert 0 <= rank < layout.replica, f"rank {rank} outside a replica of {layout.replica} ranks"
     stage, tp_rank = rank // (layout.tp * layout.sp), rank % layout.tp
     plan = TensorParallel(_Position(tp_rank, layout.tp))
-    heads = plan.heads(m.num_heads, m.num_kv_heads)
-    lo, hi = plan.split(m.intermediate_size)
+    q_heads, kv_heads, intermediate = _track_part(m, layout.tp, tp_rank) if m.tracks else _tensor_part(m, plan)
     sizes = plan.sizes(m.vocab_size)
     return RankShard(
         stage=stage, tp_rank=tp_rank,
         layers=stage_layers(m.num_layers, layout.pp, layout.partition)[stage],
-        q_heads=heads.num_q, kv_heads=heads.num_kv, intermediate=hi - lo,
+        q_heads=q_heads, kv_heads=kv_heads, intermediate=intermediate,
         vocab_rows=sizes[tp_rank], vocab_rows_max=max(sizes),
         first=stage == 0, last=stage == layout.pp - 1,
     )
 
+
+
+def _tensor_part(m: ModelConfig, plan: TensorParallel) -> tuple[int, int, int]:
+    """(query heads, KV heads, MLP columns) of a dense model's layer on one tensor-parallel rank."""
+    heads = plan.heads(m.num_heads, m.num_kv_heads)
+    lo, hi = plan.split(m.intermediate_size)
+    return heads.num_q, heads.num_kv, hi - lo
+
+
+def _track_part(m: ModelConfig, num_ranks: int, rank: int) -> tuple[int, int, int]:
+    """The same for a Parallel Track model over `num_ranks` ranks (parallel/track.py): the rank's tracks, each cut
+    by the tensor-parallel plan inside its track, counted together (they run one after another)."""
+    tracks = TrackLayout(m.tracks.num_tracks, num_ranks)
+    t = tracks.ranks_per_track
+    q, kv, cols = _tensor_part(dataclasses.replace(m, num_heads=m.tracks.num_heads, num_kv_heads=m.tracks.num_kv_heads,
+                                                   intermediate_size=m.tracks.intermediate_size),
+                               TensorParallel(_Position(rank % t, t)))
+    n = len(tracks.tracks_of(rank))
+    return n * q, n * kv, n * cols
 
 
 @functools.lru_cache(maxsize=4096)
