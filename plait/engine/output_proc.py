@@ -16,6 +16,7 @@ error raised by the next `take`.
 from __future__ import annotations
 
 import multiprocessing as mp
+import signal
 import threading
 import traceback
 from multiprocessing.connection import Connection, wait
@@ -152,7 +153,9 @@ class OutputProcess:
 
 def _serve(inbox: Connection, outbox: Connection) -> None:
     """The child: say hello, take the tokenizer, then apply messages in order until told to close (or the parent
-    is gone)."""
+    is gone). Ctrl-C reaches every process of the terminal's group; the parent decides when this one ends (a
+    draining server still needs it), so it ignores SIGINT."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     outbox.send(None)
     try:
         _, tokenizer = inbox.recv()

@@ -120,7 +120,7 @@ class Sampler:
         flat: list[int] = []  # row * V + token; index_fill_ on the flat view, unlike index_put_, needs no sync
         for r, inp in enumerate(inputs):
             p = inp.params
-            if len(inp.output_token_ids) < p.min_tokens:
+            if p.min_tokens and len(inp.token_ids) - inp.prompt_len < p.min_tokens:  # no slice: every row, every step
                 stops = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
                 flat += [r * vocab + t for t in sorted(stops)]
         if flat:
