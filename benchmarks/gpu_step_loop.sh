@@ -87,7 +87,8 @@ for name, r in runs.items():
         busy = [t["busy_ms"]["median"] for t in r.get("gpu_timeline") or [] if t and t.get("busy_ms")]
         print(f"{name:28s} TPOT {r['tpot_ms']['median']:7.3f} ms  GPU busy {busy[:1]} idle {gaps[:1]} ms (rank 0)")
     elif r.get("benchmark") == "throughput":
-        print(f"{name:28s} {r['output_tok_s']:10.1f} output tok/s")
+        busy = r.get("gpu_busy_fraction") or [0]
+        print(f"{name:28s} {r['output_tok_s']:10.1f} output tok/s, GPU busy {100 * busy[0]:.0f}% (rank 0)")
     elif r.get("benchmark") == "tp_sweep":
         print(f"{name:28s} t_e={r['t_e']}  " + "  ".join(f"tp{p['tensor_parallel_size']}: {p['output_tok_s']:.0f}" for p in r["points"]))
     elif r.get("benchmark") == "spread_sampling":

@@ -8,6 +8,7 @@ import contextlib
 import copy
 import dataclasses
 import io
+import json
 import random
 import subprocess
 import sys
@@ -297,6 +298,20 @@ def test_plait_generate_streams_the_same_text_with_every_overlap_on(folder):
         assert main(["generate", folder, "--prompt", prompt, "--max-tokens", "12", "--device", "cpu",
                      "--dtype", "float32", "--max-model-len", "96", "--async-scheduling", "--async-output-proc"]) == 0
     assert out.getvalue() == want + "\n"
+
+
+def test_bench_throughput_counts_every_token_with_the_output_process(folder, tmp_path):
+    """`plait bench throughput` (final outputs only, output process on): every prompt's tokens counted, the
+    switches recorded; no GPU timeline off the GPU."""
+    from plait.cli import main
+
+    out = tmp_path / "throughput.json"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["bench", "throughput", folder, "--device", "cpu", "--dtype", "float32", "--num-prompts", "6",
+                     "--input-len", "10", "--output-len", "7", "--async-output-proc", "--output-json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert (r["requests"], r["output_tokens"], r["async_output_proc"]) == (6, 42, True)
+    assert r["output_tok_s"] > 0 and "gpu_busy_fraction" not in r
 
 
 def test_data_parallel_replicas_plan_ahead_too(folder, reference):

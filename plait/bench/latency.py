@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from plait.bench import floors
+from plait.bench import floors, gpu_timeline
 from plait.bench.results import write_result
 from plait.config import EngineConfig
 from plait.engine.data_parallel import make_engine
@@ -112,17 +112,15 @@ def main(args: argparse.Namespace, cfg: EngineConfig) -> dict:
         ttfts, tpots = [], []
         if _multi_rank(engine):
             engine.executor.call("step_times")
-        timeline = device == "cuda" and getattr(engine, "executor", None) is not None
-        if timeline:  # CUDA events around every rank's steps: GPU busy time and the idle gap between steps
-            engine.executor.call("gpu_timeline", True)
-        for i in range(args.num_iters):
-            ttft, steps = run_once(engine, args, device, seed=i)
-            ttfts.append(ttft)
-            tpots += steps
+        with gpu_timeline.recorded(engine, device) as timeline:  # GPU busy time and the idle gap between steps
+            for i in range(args.num_iters):
+                ttft, steps = run_once(engine, args, device, seed=i)
+                ttfts.append(ttft)
+                tpots += steps
         result = _report(engine, args, cfg, device, ttfts, tpots)
         if timeline:
-            result["gpu_timeline"] = engine.executor.call("gpu_timeline", False)
-            gaps = [t["gap_ms"]["median"] for t in result["gpu_timeline"] if t["gap_ms"]]
+            result["gpu_timeline"] = timeline
+            gaps = [t["gap_ms"]["median"] for t in timeline if t["gap_ms"]]
             print(f"  GPU idle between steps (median), by rank: {[round(g, 3) for g in gaps]} ms")
         if _multi_rank(engine):  # time inside each rank's execute vs the driver's step: the rest is IPC
             times = engine.executor.call("step_times")

@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from plait.bench import gpu_timeline
 from plait.bench.results import write_result
 from plait.config import EngineConfig
 from plait.engine.data_parallel import make_engine
@@ -59,9 +60,13 @@ def measure(cfg: EngineConfig, args) -> dict:
     engine = make_engine(cfg)
     try:
         run(engine, 2 * cfg.data_parallel_size, args.input_len, 4, seed=1)  # compile and tune on every replica
-        figures = run(engine, args.num_prompts, args.input_len, args.output_len)
+        with gpu_timeline.recorded(engine, cfg.resolved_device()) as timeline:
+            figures = run(engine, args.num_prompts, args.input_len, args.output_len)
     finally:
         engine.shutdown()
+    if timeline:  # how much of the run the GPU was busy: the rest it waited for the host
+        figures["gpu_timeline"] = timeline
+        figures["gpu_busy_fraction"] = [gpu_timeline.busy_fraction(t, figures["elapsed_s"]) for t in timeline]
     return {"tensor_parallel_size": cfg.tensor_parallel_size, "data_parallel_size": cfg.data_parallel_size, **figures}
 
 
@@ -73,8 +78,10 @@ def _setup(cfg: EngineConfig, args) -> dict:
 
 def main(args: argparse.Namespace, cfg: EngineConfig) -> dict:
     result = {"benchmark": "throughput", **_setup(cfg, args), **measure(cfg, args)}
+    busy = result.get("gpu_busy_fraction")
     print(f"{cfg.model} tp={cfg.tensor_parallel_size} dp={cfg.data_parallel_size}: {result['output_tok_s']:.1f} "
-          f"output tok/s ({result['output_tokens']} tokens in {result['elapsed_s']:.2f} s)")
+          f"output tok/s ({result['output_tokens']} tokens in {result['elapsed_s']:.2f} s)"
+          + (f"; GPU busy {100 * busy[0]:.0f}% of it (rank 0)" if busy else ""))
     write_result(result, args.output_json)
     return result
 

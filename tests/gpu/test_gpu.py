@@ -166,3 +166,16 @@ def test_prefix_caching_matches_no_caching(checkpoint):
         finally:
             llm.shutdown()
     assert_runs_match(runs[1], runs[0])
+
+
+@needs_cuda
+def test_throughput_bench_reports_how_busy_the_gpu_was(checkpoint):
+    """CUDA events around every step: the GPU's busy share of the measured run, between 0 and 1."""
+    from plait.bench import throughput
+    from plait.config import EngineConfig
+
+    args = type("Args", (), {"num_prompts": 16, "input_len": 32, "output_len": 16})()
+    cfg = EngineConfig(model=checkpoint[0], dtype="bfloat16", device="cuda", kv_cache_memory_bytes=1 << 30)
+    result = throughput.measure(cfg, args)
+    assert result["output_tokens"] == 16 * 16 and len(result["gpu_timeline"]) == 1
+    assert 0.0 < result["gpu_busy_fraction"][0] <= 1.0
