@@ -75,13 +75,18 @@ class BlockManager:
         and their keys."""
         blocks, keys, bs = [], [], self.block_size
         for i in range(max_tokens // bs):
-            key = hash((keys[-1] if keys else None, tuple(token_ids[i * bs : (i + 1) * bs])))
+            key = self._key(keys, token_ids, i)
             block = self.block_of.get(key)
             if block is None:
                 break
             blocks.append(block)
             keys.append(key)
         return blocks, keys
+
+    def _key(self, keys: list[int], token_ids: list[int], i: int) -> int:
+        """Block i's content key, chained over the keys of the blocks before it (`keys`, at least i of them)."""
+        bs = self.block_size
+        return hash((keys[i - 1] if i else None, tuple(token_ids[i * bs : (i + 1) * bs])))
 
     def can_share(self, blocks: list[int], num_tokens: int) -> bool:
         """Whether a new sequence can hold `blocks` (cached) and grow to `num_tokens`: the cached blocks that
@@ -107,7 +112,7 @@ class BlockManager:
         keys, table, bs = self.keys.setdefault(seq_id, []), self.tables[seq_id], self.block_size
         while len(keys) < num_tokens // bs:
             i = len(keys)
-            key = hash((keys[-1] if keys else None, tuple(token_ids[i * bs : (i + 1) * bs])))
+            key = self._key(keys, token_ids, i)
             keys.append(key)
             if key not in self.block_of and table[i] not in self.key_of:  # the first block with this content stays
                 self.block_of[key], self.key_of[table[i]] = table[i], key

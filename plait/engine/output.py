@@ -167,12 +167,14 @@ class OutputProcessor:
                 if (state := self.states.get(d.request_id)) is not None and state.outs[d.index].finish_reason is None]
         for state, out, d in live:
             self._append(state.request.params, out, d)
-        ended = [(state, out) for (state, out, d), text in zip(live, new_texts(self.decode, [o.detok for _, o, _ in live], False))
-                 if self._settle(state.request.params, out, d, text)]
-        flushed = [out for _, out in ended if not isinstance(out.stop_reason, str)]  # a stop string cut the text
-        for out, text in zip(flushed, new_texts(self.decode, [out.detok for out in flushed], True)):
+        ended_ids, flushed = set(), []
+        for (state, out, d), text in zip(live, new_texts(self.decode, [out.detok for _, out, _ in live], final=False)):
+            if self._settle(state.request.params, out, d, text):
+                ended_ids.add(state.request.request_id)
+                if not isinstance(out.stop_reason, str):  # a stop string cut the text; else the held-back text
+                    flushed.append(out)
+        for out, text in zip(flushed, new_texts(self.decode, [out.detok for out in flushed], final=True)):
             out.text += text
-        ended_ids = {state.request.request_id for state, _ in ended}
         outputs = []
         for request_id in dict.fromkeys(step.touched):
             state = self.states.get(request_id)

@@ -41,8 +41,10 @@ class LLM:
         single = isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
         prompts = [prompts] if single else list(prompts)
         params = sampling_params or SamplingParams()
-        final = lambda p: dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY)  # noqa: E731 - as vLLM's LLM
-        params = [final(p) for p in params] if isinstance(params, list) else [final(params)] * len(prompts)
+        one = not isinstance(params, list)
+        # as vLLM's LLM: only each request's final output is built
+        params = [dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY) for p in ([params] if one else params)]
+        params = params * len(prompts) if one else params
         if len(params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
         ids = [self.engine.tokenize(_unwrap(p)) for p in prompts]
