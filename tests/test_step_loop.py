@@ -302,16 +302,21 @@ def test_plait_generate_streams_the_same_text_with_every_overlap_on(folder):
 
 def test_bench_throughput_counts_every_token_with_the_output_process(folder, tmp_path):
     """`plait bench throughput` (final outputs only, output process on): every prompt's tokens counted, the
-    switches recorded; no GPU timeline off the GPU."""
+    switches recorded; no GPU timeline off the GPU; the host profile names the step loop's functions."""
     from plait.cli import main
 
     out = tmp_path / "throughput.json"
     with contextlib.redirect_stdout(io.StringIO()):
         assert main(["bench", "throughput", folder, "--device", "cpu", "--dtype", "float32", "--num-prompts", "6",
-                     "--input-len", "10", "--output-len", "7", "--async-output-proc", "--output-json", str(out)]) == 0
+                     "--input-len", "10", "--output-len", "7", "--async-output-proc", "--profile-host",
+                     "--output-json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert (r["requests"], r["output_tokens"], r["async_output_proc"]) == (6, 42, True)
     assert r["output_tok_s"] > 0 and "gpu_busy_fraction" not in r
+    rows, own = r["host_profile"], [row["own_us_per_step"] for row in r["host_profile"]]
+    assert len(rows) == 30 and r["steps"] >= 7 and own == sorted(own, reverse=True)
+    assert all(row["cum_us_per_step"] >= row["own_us_per_step"] for row in rows)
+    assert any(row["function"].startswith("plait/engine/") for row in rows)
 
 
 def test_data_parallel_replicas_plan_ahead_too(folder, reference):

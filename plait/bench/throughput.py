@@ -13,6 +13,10 @@ loop's overlap features (--async-scheduling, --async-output-proc, --sampling-par
 from __future__ import annotations
 
 import argparse
+import cProfile
+import contextlib
+import pathlib
+import pstats
 import time
 
 import torch
@@ -23,12 +27,17 @@ from plait.config import EngineConfig
 from plait.engine.data_parallel import make_engine
 from plait.sampling_params import RequestOutputKind, SamplingParams
 
+_ROOT = str(pathlib.Path(__file__).resolve().parents[2]) + "/"
+
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-prompts", type=int, default=256)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--output-json", default=None, help="write the result here (default: print only)")
+    parser.add_argument("--profile-host", action="store_true",
+                        help="run the measured part under cProfile: the step loop's Python functions by own time per "
+                             "step go in the result (the measured throughput is then lower: profiling slows Python)")
 
 
 def add_sweep_args(parser: argparse.ArgumentParser) -> None:
@@ -46,11 +55,12 @@ def run(engine, num_prompts: int, input_len: int, output_len: int, seed: int = 0
     start = time.perf_counter()
     for _ in range(num_prompts):
         engine.add_request(torch.randint(0, vocab, (input_len,), generator=g).tolist(), params)
-    produced = 0
+    produced = steps = 0
     while engine.has_unfinished_requests():
         produced += sum(len(out.outputs[0].token_ids) for out in engine.step() if out.finished)
+        steps += 1
     elapsed = time.perf_counter() - start
-    return {"elapsed_s": elapsed, "requests": num_prompts, "output_tokens": produced,
+    return {"elapsed_s": elapsed, "steps": steps, "requests": num_prompts, "output_tokens": produced,
             "output_tok_s": produced / elapsed, "total_tok_s": (produced + num_prompts * input_len) / elapsed}
 
 
@@ -60,14 +70,26 @@ def measure(cfg: EngineConfig, args) -> dict:
     engine = make_engine(cfg)
     try:
         run(engine, 2 * cfg.data_parallel_size, args.input_len, 4, seed=1)  # compile and tune on every replica
-        with gpu_timeline.recorded(engine, cfg.resolved_device()) as timeline:
+        profile = cProfile.Profile() if getattr(args, "profile_host", False) else None
+        with gpu_timeline.recorded(engine, cfg.resolved_device()) as timeline, profile or contextlib.nullcontext():
             figures = run(engine, args.num_prompts, args.input_len, args.output_len)
     finally:
         engine.shutdown()
     if timeline:  # how much of the run the GPU was busy: the rest it waited for the host
         figures["gpu_timeline"] = timeline
         figures["gpu_busy_fraction"] = [gpu_timeline.busy_fraction(t, figures["elapsed_s"]) for t in timeline]
+    if profile is not None:
+        figures["host_profile"] = host_profile(profile, figures["steps"])
     return {"tensor_parallel_size": cfg.tensor_parallel_size, "data_parallel_size": cfg.data_parallel_size, **figures}
+
+
+def host_profile(profile: cProfile.Profile, steps: int, top: int = 30) -> list[dict]:
+    """The functions with the most own time, in microseconds per engine step (own and with callees)."""
+    stats = pstats.Stats(profile).stats
+    rows = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
+    return [{"function": f"{path.removeprefix(_ROOT)}:{line}({name})", "calls": calls,
+             "own_us_per_step": round(1e6 * own / steps, 1), "cum_us_per_step": round(1e6 * cum / steps, 1)}
+            for (path, line, name), (_, calls, own, cum, _) in rows]
 
 
 def _setup(cfg: EngineConfig, args) -> dict:
@@ -82,6 +104,8 @@ def main(args: argparse.Namespace, cfg: EngineConfig) -> dict:
     print(f"{cfg.model} tp={cfg.tensor_parallel_size} dp={cfg.data_parallel_size}: {result['output_tok_s']:.1f} "
           f"output tok/s ({result['output_tokens']} tokens in {result['elapsed_s']:.2f} s)"
           + (f"; GPU busy {100 * busy[0]:.0f}% of it (rank 0)" if busy else ""))
+    for row in result.get("host_profile", [])[:12]:
+        print(f"  {row['own_us_per_step']:8.1f} us own {row['cum_us_per_step']:8.1f} us cum per step  {row['function']}")
     write_result(result, args.output_json)
     return result
 
