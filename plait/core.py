@@ -114,10 +114,12 @@ class Sequence:
     num_preemptions: int = 0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_len: int = field(init=False)
 
     def __post_init__(self) -> None:
         # One growing list of every token: a decode step appends and slices it without copying the history.
         self._tokens = list(self.prompt_token_ids)
+        self.prompt_len = len(self.prompt_token_ids)
 
     def append_token(self, token: int) -> None:
         self._tokens.append(token)
@@ -129,19 +131,15 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self._tokens[len(self.prompt_token_ids) :]
+        return self._tokens[self.prompt_len :]
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self._tokens) - len(self.prompt_token_ids)
+        return len(self._tokens) - self.prompt_len
 
     @property
     def num_tokens(self) -> int:
         return len(self._tokens)
-
-    @property
-    def prompt_len(self) -> int:
-        return len(self.prompt_token_ids)
 
     @property
     def is_finished(self) -> bool:

@@ -39,18 +39,15 @@ def test_grow_to_fewer_tokens_never_shrinks():
     bm.check_invariants()
 
 
-def test_can_grow_counts_only_the_missing_blocks():
+def test_grow_takes_only_the_missing_blocks_or_none():
     bm = BlockManager(4, 4)
-    assert bm.can_grow(1, 16) and not bm.can_grow(1, 17)
-    bm.grow(1, 6)  # 2 blocks, 2 free
-    assert bm.can_grow(1, 16)  # needs 2 more, 2 free
-    assert not bm.can_grow(1, 17)  # needs 3 more
-    assert bm.can_grow(2, 8) and not bm.can_grow(2, 9)
-    assert bm.can_grow(1, 0) and bm.can_grow(3, 0)
-    bm.grow(2, 8)
+    assert bm.grow(1, 17) is None and bm.num_free == 4  # needs 5
+    assert bm.grow(1, 6) == [0, 1]  # 2 blocks, 2 free
+    assert bm.grow(1, 17) is None and bm.table(1) == [0, 1] and bm.num_free == 2  # needs 3 more: nothing taken
+    assert bm.grow(2, 9) is None and bm.grow(2, 8) == [2, 3]
     assert bm.num_free == 0
-    assert bm.can_grow(1, 8)  # already covered: needs nothing
-    assert not bm.can_grow(1, 9) and not bm.can_grow(3, 1)
+    assert bm.grow(1, 8) == [0, 1]  # already covered: needs nothing
+    assert bm.grow(1, 9) is None and bm.grow(3, 1) is None and bm.grow(3, 0) == []
     bm.check_invariants()
 
 
@@ -94,13 +91,13 @@ def test_many_sequences_random_churn_keeps_invariants():
             del sizes[seq]
         else:
             want = sizes.get(seq, 0) + rng.randint(1, 9)
-            if bm.can_grow(seq, want):
-                before = list(bm.table(seq))
-                table = bm.grow(seq, want)
+            before = list(bm.table(seq))
+            table = bm.grow(seq, want)
+            if table is not None:
                 assert table[: len(before)] == before and len(table) == blocks_needed(want, 4)
                 sizes[seq] = want
             else:
-                assert blocks_needed(want, 4) - len(bm.table(seq)) > bm.num_free
+                assert blocks_needed(want, 4) - len(before) > bm.num_free and bm.table(seq) == before
         bm.check_invariants()
         assert sum(len(t) for t in bm.tables.values()) + bm.num_free == 32
     for seq in list(sizes):

@@ -11,6 +11,7 @@ that step N finished may have had a token computed in step N+1: it is thrown awa
 from __future__ import annotations
 
 import dataclasses
+import gc
 import itertools
 from collections import deque
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from plait.config import EngineConfig, resolve_scheduler_config
 from plait.core import Sequence, StepPlan, StepResult
 from plait.engine.kv_cache import BlockManager
 from plait.engine.output import NewRequest, PromptDelta, StepOutputs, TokenDelta
+from plait.engine.heap import freeze_startup_heap
 from plait.engine.output_proc import make_outputs
 from plait.engine.scheduler import Scheduler
 from plait.engine.stops import token_stop
@@ -89,6 +91,7 @@ class LLMEngine:
         self.requests: dict[str, EngineRequest] = {}
         self.seqs: dict[int, Sequence] = {}
         self._ids = itertools.count()
+        freeze_startup_heap()
 
     def _size_kv_cache(self) -> int:
         num_blocks = self.cfg.num_gpu_blocks_override or min(self.executor.call("num_kv_blocks"))
@@ -244,6 +247,7 @@ class LLMEngine:
         return delivered
 
     def shutdown(self) -> None:
+        gc.unfreeze()  # plait.engine.heap: the engine's objects become collectable again
         if getattr(self, "outputs", None) is not None:
             self.outputs.close()
         if getattr(self, "executor", None) is not None:

@@ -41,16 +41,18 @@ class BlockManager:
     def table(self, seq_id: int) -> list[int]:
         return self.tables.get(seq_id, [])
 
-    def can_grow(self, seq_id: int, num_tokens: int) -> bool:
-        return blocks_needed(num_tokens, self.block_size) - len(self.table(seq_id)) <= self.num_free
-
-    def grow(self, seq_id: int, num_tokens: int) -> list[int]:
-        """Make the sequence's table cover `num_tokens` positions; the caller checked `can_grow`."""
+    def grow(self, seq_id: int, num_tokens: int) -> list[int] | None:
+        """Make the sequence's table cover `num_tokens` positions and return it; None (and nothing taken) when
+        the free blocks are too few. One call per sequence per step: a decode step mostly needs no block."""
         table = self.tables.setdefault(seq_id, [])
-        for _ in range(blocks_needed(num_tokens, self.block_size) - len(table)):
-            block = self._take()
-            self.refs[block] = 1
-            table.append(block)
+        missing = blocks_needed(num_tokens, self.block_size) - len(table)
+        if missing > 0:
+            if missing > self.num_free:
+                return None
+            for _ in range(missing):
+                block = self._take()
+                self.refs[block] = 1
+                table.append(block)
         return table
 
     def release(self, seq_id: int) -> None:

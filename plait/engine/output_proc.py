@@ -21,6 +21,7 @@ import threading
 import traceback
 from multiprocessing.connection import Connection, wait
 
+from plait.engine.heap import freeze_startup_heap
 from plait.engine.output import NewRequest, OutputProcessor, StepOutputs, TokenDelta
 from plait.outputs import RequestOutput
 
@@ -160,6 +161,7 @@ def _serve(inbox: Connection, outbox: Connection) -> None:
     try:
         _, tokenizer = inbox.recv()
         processor = OutputProcessor(tokenizer)
+        freeze_startup_heap()
         while True:
             kind, item = inbox.recv()
             if kind == "add":

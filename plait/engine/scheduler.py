@@ -54,24 +54,22 @@ class Scheduler:
         plan = StepPlan(seqs=[], finished_seq_ids=self._finished_ids, late_tokens=self._late_tokens)
         self._finished_ids, self._late_tokens = [], []
         preempted = False
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            if seq.num_output_tokens + seq.num_pending >= seq.params.max_tokens:
+        running, i = self.running, 0
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            ahead = seq.num_tokens + seq.num_pending  # known tokens and those sampled by plans in flight
+            if ahead - seq.prompt_len >= seq.params.max_tokens:
                 i += 1  # its last token is in flight: it stops there, and a step more would be thrown away
                 continue
-            n = min(seq.num_tokens + seq.num_pending - seq.num_computed_tokens, budget)
-            while not self.blocks.can_grow(seq.seq_id, seq.num_computed_tokens + n):
-                self._preempt(self.running.pop())
+            n = min(ahead - seq.num_computed_tokens, budget)
+            table = self.blocks.grow(seq.seq_id, seq.num_computed_tokens + n)
+            if table is None:  # the cache is full: free the newest running sequence's blocks (maybe this one's)
+                self._preempt(running.pop())
                 preempted = True
-                if i == len(self.running):  # it preempted itself: nothing left to free
-                    break
-            else:
-                plan.seqs.append(self._scheduled(seq, n))
-                budget -= n
-                i += 1
                 continue
-            break
+            plan.seqs.append(self._scheduled(seq, n, table))
+            budget -= n
+            i += 1
         if not preempted:
             budget = self._admit(plan, budget)
         for seq in self._planned:  # keyed after the plan is made, so no sequence of this plan reads what it writes
@@ -99,7 +97,7 @@ class Scheduler:
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             plan.new_seqs.append(SeqData(seq.seq_id, list(seq.token_ids), seq.prompt_len, seq.params))
-            plan.seqs.append(self._scheduled(seq, n))
+            plan.seqs.append(self._scheduled(seq, n, self.blocks.grow(seq.seq_id, start + n)))
             budget -= n
         return budget
 
@@ -113,14 +111,14 @@ class Scheduler:
     def _looks_up(self, seq: Sequence) -> bool:
         return self.blocks.prefix_caching and seq.params.prompt_logprobs is None
 
-    def _scheduled(self, seq: Sequence, n: int) -> ScheduledSeq:
-        """Schedule n tokens from the sequence's next position and advance it past them now."""
+    def _scheduled(self, seq: Sequence, n: int, table: list[int]) -> ScheduledSeq:
+        """Schedule n tokens from the sequence's next position (its table covers them) and advance it past them now."""
         start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-        table = self.blocks.grow(seq.seq_id, end)
         if self.blocks.prefix_caching:
             self._planned.append(seq)
-        known = seq.token_ids[start:end]
-        sample = end == seq.num_tokens + seq.num_pending
+        tokens = seq.token_ids
+        known = tokens[start:end]
+        sample = end == len(tokens) + seq.num_pending
         seq.num_computed_tokens = end
         seq.num_pending += sample
         return ScheduledSeq(

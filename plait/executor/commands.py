@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from plait.engine.heap import freeze_startup_heap
 from plait.engine.model_runner import ModelRunner
 from plait.engine.step_sampling import PendingResult
 
@@ -83,8 +84,9 @@ class RankCommands:
         runner = self.runner
         if cmd == "num_kv_blocks":
             return runner.num_kv_blocks()
-        if cmd == "allocate_kv_cache":
-            return runner.allocate_kv_cache(arg)
+        if cmd == "allocate_kv_cache":  # the end of a rank's start-up (CUDA graphs captured)
+            runner.allocate_kv_cache(arg)
+            return freeze_startup_heap()
         if cmd == "execute":
             return runner.execute(arg)
         if cmd == "all_reduce_latency":
