@@ -4,7 +4,7 @@
 # matters most, and the t_e sweep (TP = 1, 2, 4 over 4 GPUs, replicas = 4 / TP) for an 8B and a 32B shape.
 # Dummy weights, bf16. Sections run in order inside a 580 s budget; one that would not fit is skipped and named in
 # the result, so a second call can run it: bash benchmarks/gpu_step_loop.sh te32b
-# Usage on the device: OUT=/some/dir bash benchmarks/gpu_step_loop.sh [gap sampling throughput te8b te32b]
+# Usage on the device: OUT=/some/dir [BUDGET=s] [MODES="off on"] bash benchmarks/gpu_step_loop.sh [gap sampling throughput te8b te32b]
 # Results: $OUT/step_loop.json (every run's JSON, keyed by name) and $OUT/step_loop.log.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -57,10 +57,12 @@ for section in $SECTIONS; do
     # benchmarks/serving_tokenizer.py says), so every token is detokenized as a user's would be.
     T="$P bench throughput --dtype bfloat16 --device cuda --num-prompts 4096 --input-len 64 --output-len 128 --max-num-seqs 256"
     if [ -d .tok/smollm2-135m ]; then T="$T --tokenizer .tok/smollm2-135m"; else echo "== no .tok/smollm2-135m: no detokenization"; fi
+    # MODES picks the settings (default all three; "off on" when device time is short).
     for i in 1 2; do
-      run throughput_smollm2_tp1_off_$i 70 $T smollm2-135m $OFF
-      run throughput_smollm2_tp1_sched_$i 70 $T smollm2-135m --async-scheduling
-      run throughput_smollm2_tp1_on_$i 70 $T smollm2-135m $ON
+      for mode in ${MODES:-off sched on}; do
+        case $mode in off) flags=$OFF ;; sched) flags=--async-scheduling ;; on) flags=$ON ;; esac
+        run throughput_smollm2_tp1_${mode}_$i 100 $T smollm2-135m $flags
+      done
     done
     need 2 throughput_llama1b_tp2_off && run throughput_llama1b_tp2_off 80 $T llama3.2-1b --tp 2 $OFF
     need 2 throughput_llama1b_tp2_on && run throughput_llama1b_tp2_on 80 $T llama3.2-1b --tp 2 $ON_TP
