@@ -360,3 +360,22 @@ def test_an_unguarded_script_gets_a_clear_error_instead_of_a_hang(folder, tmp_pa
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240)
     assert run.returncode != 0
     assert "under `if __name__ == '__main__':`" in run.stderr
+
+
+def test_the_start_up_heap_is_frozen_while_the_engine_runs_and_collectable_after(folder):
+    """plait.engine.heap: the garbage collector skips what start-up made while the engine runs; at shutdown it is
+    thawed, so the model's objects (and, on GPU, their memory) go once the engine is dropped."""
+    import gc
+    import weakref
+
+    llm = LLM(folder, async_output_proc=True, **ENGINE)
+    try:
+        assert gc.get_freeze_count() > 0
+        model = weakref.ref(llm.engine.executor.runner.model)
+        assert len(llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4), use_tqdm=False)[0].outputs[0].token_ids) == 4
+    finally:
+        llm.shutdown()
+    assert gc.get_freeze_count() == 0
+    del llm
+    gc.collect()
+    assert model() is None
