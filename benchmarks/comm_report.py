@@ -14,6 +14,7 @@ and the planner are reported for those (in sample) and for the rest (held out) s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -42,10 +43,8 @@ def predictions(data: dict, calib: Calibration) -> list[dict]:
     rows = []
     for name, cfg in data["configs"].items():
         layout = Layout(cfg["tp"], cfg["pp"])
-        eng = cfg["engine"]
-        itemsize = 4 if eng["dtype"] == "float32" else 2
-        lim = EngineLimits(eng["max_num_batched_tokens"], eng["max_num_seqs"], itemsize)
-        eager = EngineLimits(eng["max_num_batched_tokens"], eng["max_num_seqs"], itemsize, enforce_eager=True)
+        lim = EngineLimits.recorded(cfg["engine"])
+        eager = dataclasses.replace(lim, enforce_eager=True)
         profiled = {(p["batch"], p["input_len"]): p for p in cfg["profiled"]}
         for p in cfg["points"]:
             b, n, out = p["batch"], p["input_len"], p["output_len"]

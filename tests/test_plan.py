@@ -176,12 +176,12 @@ def test_pipeline_replay_shows_the_bubble(smollm2):
 def test_eager_pipeline_stages_issue_at_once(smollm2):
     """CPU-bound eager steps: every stage's CPU issues its layers from the plan's submission, so a pipeline step
     takes about one stage's issue time, not the sum over stages; and the issue time follows the kernels:
-    per layer, per prompt of an all-new-prompts step, per collective."""
+    per layer, per prompt of an all-new-prompts step, per collective (no prefill graphs: each prompt runs eager)."""
     calib = dataclasses.replace(h200_defaults(), host_step_s=0.0, host_per_seq_s=0.0, eager_layer_s=1e-3,
                                 eager_seq_layer_s=1e-4, eager_collective_s=2e-4)
     for p in (1, 2, 3):
         stage = len(rank_shard(smollm2, Layout(1, p), 0).layers)
-        one = predict(smollm2, Layout(1, p), 1, 16, 1, calib)
+        one = predict(smollm2, Layout(1, p), 1, 16, 1, calib, EngineLimits(max_prefill_graph_tokens=0))
         assert one.ttft_s == pytest.approx(stage * 1.1e-3, rel=0.02)  # + the later stages' GPU work, tiny here
     fresh, mixed = StepShape(((0, 16), (0, 16)), 2, "prefill"), StepShape(((16, 1), (0, 16)), 2, "mixed")
     tp2 = [stage_time(smollm2, Layout(2), 0, shape, calib, 2, graph=False) for shape in (fresh, mixed)]
@@ -201,6 +201,29 @@ def test_attention_follows_the_kernel_that_runs_it():
     assert StepShape(((0, 5), (0, 7)), 2, "prefill").fresh and not StepShape(((3, 1), (0, 7)), 2, "mixed").fresh
 
 
+def test_a_short_prompt_alone_prefills_from_a_graph_as_in_the_engine(llama8b):
+    """The model runner replays one whole new prompt of up to max_prefill_graph_tokens (its largest bucket) from a
+    CUDA graph (`ModelRunner._prefill_graph_step`); the model prices that step, and only that one, without the
+    CPU's eager issue."""
+    from plait.plan.costs import prefill_graph_tokens, uses_graph
+
+    calib, lim = h200_defaults(), EngineLimits(8192, 32)
+    assert prefill_graph_tokens(lim) == 512 and prefill_graph_tokens(EngineLimits(300, 32)) == 256
+    assert prefill_graph_tokens(EngineLimits(8192, 32, max_prefill_graph_tokens=8)) == 0
+    one = StepShape(((0, 128),), 1, "prefill")
+    assert uses_graph(calib, Layout(1), one, lim) and uses_graph(calib, Layout(2), one, lim)
+    assert not uses_graph(calib, Layout(1), StepShape(((0, 600),), 1, "prefill"), lim)  # past the largest bucket
+    assert not uses_graph(calib, Layout(1), StepShape(((0, 64), (0, 64)), 2, "prefill"), lim)  # two prompts
+    assert not uses_graph(calib, Layout(1), StepShape(((0, 128),), 127, "prefill"), lim)  # prompt logprobs: all rows
+    assert not uses_graph(calib, Layout(1, 2), one, lim) and not uses_graph(calib, Layout(1, sp=2), one, lim)
+    assert not uses_graph(calib, Layout(1), one, dataclasses.replace(lim, enforce_eager=True))
+    graphed = predict(llama8b, Layout(1), 1, 128, 8, calib, lim)
+    eager = predict(llama8b, Layout(1), 1, 128, 8, calib, dataclasses.replace(lim, max_prefill_graph_tokens=0))
+    # benchmarks/results/latency_tp1_bs1.json: this prompt's TTFT measured 6.07 ms with prefill graphs on one H200
+    assert graphed.ttft_s == pytest.approx(6.07e-3, rel=0.15) and eager.ttft_s > 3 * graphed.ttft_s
+    assert graphed.tpot_s == pytest.approx(eager.tpot_s)
+
+
 def test_fit_recovers_the_engine_terms_from_a_grid(llama8b):
     """`plait calibrate --fit-from`: measurements made by the model with known terms are fitted back from a
     different start, on tp1 and tp2 only (the tp4 points are left out and must not be used)."""
@@ -216,7 +239,8 @@ def test_fit_recovers_the_engine_terms_from_a_grid(llama8b):
             points.append({"batch": b, "input_len": n, "output_len": 8, "ttft_ms": scale * 1e3 * p.ttft_s,
                            "tpot_ms": scale * 1e3 * p.tpot_s})
         configs[name] = {"tp": tp, "pp": 1, "points": points,
-                         "engine": {"dtype": "bfloat16", "max_num_batched_tokens": 8192, "max_num_seqs": 32}}
+                         "engine": {"dtype": "bfloat16", "max_num_batched_tokens": 8192, "max_num_seqs": 32,
+                                    "max_prefill_graph_tokens": 512}}
     start = dataclasses.replace(truth, **{k: 1.5 * getattr(truth, k) for k in TERMS})
     fitted = fit_validation(start, {"model": "llama3-8b", "configs": configs})
     assert fitted.fit_configs == ["tp1", "tp2"] and "16 timed points of tp1, tp2" in fitted.notes[-1]
@@ -352,7 +376,8 @@ def test_validation_report_from_results_json(tmp_path, smollm2):
             ops = {op: {k: v * (1.1 if k == "s" else 1) for k, v in o.items()}
                    for op, o in comm_totals(smollm2, Layout(tp, pp), b, n, 8, calib, eager).items()}
             profiled.append({"batch": b, "input_len": n, "ops": ops, "exact_steps": 3, "steps_compared": 3, "schedule_exact": True})
-        configs[name] = {"tp": tp, "pp": pp, "engine": {"dtype": "bfloat16", "max_num_batched_tokens": 2048, "max_num_seqs": 8},
+        configs[name] = {"tp": tp, "pp": pp, "engine": {"dtype": "bfloat16", "max_num_batched_tokens": 2048, "max_num_seqs": 8,
+                                                            "max_prefill_graph_tokens": 512},
                          "points": points, "profiled": profiled}
     md = pathlib.Path(report.write({"model": "smollm2-135m", "configs": configs, "skipped": []}, calib, str(tmp_path))).read_text()
     assert "- TPOT: 6/6 within 15%; median |error| 9.1%" in md and "- COMM: 2/2 within 15%" in md

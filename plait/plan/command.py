@@ -37,7 +37,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
     parser.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
     parser.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
-    parser.add_argument("--enforce-eager", action="store_true", help="predict without decode CUDA graphs")
+    parser.add_argument("--max-prefill-graph-tokens", type=int, default=d.max_prefill_graph_tokens,
+                        help="the engine's setting: a new prompt alone in its step up to this long prefills from a graph")
+    parser.add_argument("--enforce-eager", action="store_true", help="predict without CUDA graphs")
     parser.add_argument("--plot", default=None, metavar="PNG", help="draw predicted TPOT vs throughput per configuration")
     parser.add_argument("--output-json", default=None)
 
@@ -57,7 +59,7 @@ def main(args: argparse.Namespace) -> int:
     slo = Slo(args.slo_ttft / 1e3 if args.slo_ttft else None, args.slo_tpot / 1e3 if args.slo_tpot else None)
     goal = args.goal or ("slo" if slo.ttft_s or slo.tpot_s else "latency")
     lim = EngineLimits(args.max_num_batched_tokens, args.max_num_seqs, _ITEMSIZE[args.dtype], args.enforce_eager,
-                       args.gpu_memory_utilization)
+                       args.gpu_memory_utilization, max_prefill_graph_tokens=args.max_prefill_graph_tokens)
     options = candidates(m, args.gpus, calib, lim, name)
     if not options:
         raise ValueError(f"no TP x PP x DP or SP x TP x DP layout of {args.gpus} GPUs fits this model's "

@@ -11,7 +11,8 @@ the model runner picks (`PagedAttention.forward`):
   but each program walks its split token by token, so with few programs (small batch) the walk is the floor.
 Elementwise kernels stream their activations at copy bandwidth.
 
-Launch cost: replayed from a CUDA graph, the non-GEMM kernels cost a per-layer constant on the GPU. Eagerly, the
+Launch cost: replayed from a CUDA graph (decode steps, and a short new prompt alone in its step, `uses_graph`), the
+non-GEMM kernels cost a per-layer constant on the GPU. Eagerly, the
 CPU issues every kernel, a floor the GPU work may hide: per layer, per prompt of an all-new-prompts step (the
 flash path loops over prompts in Python), and per collective (staging, the symmetric-memory op).
 Memory follows the model runner's own sizing (`ModelRunner.num_kv_blocks`).
@@ -19,13 +20,17 @@ Memory follows the model runner's own sizing (`ModelRunner.num_kv_blocks`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from plait.config import ModelConfig
-from plait.engine.cuda_graph import decode_splits, graph_buckets
+from plait.engine.cuda_graph import decode_splits, graph_buckets, prefill_buckets
 from plait.plan.calibration import Calibration
 from plait.plan.collectives import Collective, rank_collectives
 from plait.plan.shapes import Layout, RankShard, rank_shard, sequence_shards
 from plait.plan.workload import StepShape
+
+if TYPE_CHECKING:
+    from plait.plan.predict import EngineLimits
 
 ACTIVATION_SLACK_BYTES = 2 << 30  # ModelRunner._activation_bytes: graphs and cuBLAS workspace
 PREFILL_BLOCK = 64  # kernels.attention.paged_prefill's BLOCK_M and BLOCK_N on GPU
@@ -130,15 +135,27 @@ class StageTime:
         return max(self.gpu_s, self.cpu_s)
 
 
-def uses_graph(calib: Calibration, layout: Layout, shape: StepShape, max_num_seqs: int, enforce_eager: bool = False) -> bool:
-    """The model runner replays a decode step from a CUDA graph on GPU, for one stage, when it fits a bucket. Under
-    sequence parallelism only Shift's TP mode has graphs, captured up to the threshold; SP-mode steps run eager."""
+def uses_graph(calib: Calibration, layout: Layout, shape: StepShape, lim: EngineLimits) -> bool:
+    """Whether the model runner replays the step from a CUDA graph (GPU, one stage, every logits row sampled): a
+    decode step that fits a batch bucket, or one whole new prompt alone in its step that fits a prefill bucket
+    (`max_prefill_graph_tokens`). Under sequence parallelism only Shift's TP mode has graphs, decode ones, captured
+    up to the threshold; SP-mode steps and prefills there run eager."""
+    if calib.device != "cuda" or lim.enforce_eager or layout.pp > 1 or shape.logit_rows != shape.seqs:
+        return False
+    if shape.phase == "prefill":
+        return layout.sp == 1 and shape.seqs == 1 and shape.fresh and shape.tokens <= prefill_graph_tokens(lim)
+    max_num_seqs = lim.max_num_seqs
     if layout.sp > 1:
         if not layout.shifted(shape.tokens):
             return False
         max_num_seqs = min(max_num_seqs, layout.shift_threshold)
-    return (calib.device == "cuda" and not enforce_eager and layout.pp == 1 and shape.phase == "decode"
-            and shape.seqs <= max_num_seqs and shape.logit_rows == shape.seqs)
+    return shape.phase == "decode" and shape.seqs <= max_num_seqs
+
+
+def prefill_graph_tokens(lim: EngineLimits) -> int:
+    """The longest prompt the engine's prefill graphs hold (its largest bucket; 0 when it captures none)."""
+    most = min(lim.max_prefill_graph_tokens, lim.max_num_batched_tokens)
+    return max(prefill_buckets(most), default=0) if most >= 16 else 0
 
 
 def eager_issue_s(calib: Calibration, layers: int, shape: StepShape, collectives: int) -> float:

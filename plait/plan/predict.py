@@ -36,6 +36,14 @@ class EngineLimits:
     gpu_memory_utilization: float = 0.9
     block_size: int = 16
     prompt_logprobs: bool = False
+    max_prefill_graph_tokens: int = 512
+
+    @classmethod
+    def recorded(cls, eng: dict) -> "EngineLimits":
+        """The limits of an engine recorded as `dataclasses.asdict(EngineConfig)` (benchmarks/comm_validate.py); a
+        record from before prefill graphs existed ran every prefill eagerly."""
+        return cls(eng["max_num_batched_tokens"], eng["max_num_seqs"], 4 if eng["dtype"] == "float32" else 2,
+                   max_prefill_graph_tokens=eng.get("max_prefill_graph_tokens", 0))
 
 
 @dataclass
@@ -119,7 +127,7 @@ def _replay(m: ModelConfig, layout: Layout, mb_steps: list[list[StepShape]], cal
                 continue
             shape = steps[nxt[j]]
             nxt[j] += 1
-            graph = uses_graph(calib, layout, shape, lim.max_num_seqs, lim.enforce_eager)
+            graph = uses_graph(calib, layout, shape, lim)
             arrive, comm = t, 0.0
             ph = out.phases.setdefault(shape.phase, PhaseComm())
             ph.steps += 1
@@ -199,7 +207,7 @@ def comm_totals(m: ModelConfig, layout: Layout, batch: int, input_len: int, outp
     for steps in fixed_batch_steps(per_replica, input_len, output_len, lim.max_num_batched_tokens, lim.max_num_seqs,
                                    layout.pp, lim.prompt_logprobs):
         for shape in steps:
-            graph = uses_graph(calib, layout, shape, lim.max_num_seqs, lim.enforce_eager)
+            graph = uses_graph(calib, layout, shape, lim)
             for rank in range(layout.replica):
                 for c in rank_collectives(m, layout, rank, shape.tokens, shape.logit_rows, lim.itemsize):
                     op = out.setdefault(c.op, {"n": 0.0, "bytes": 0.0, "s": 0.0})

@@ -83,7 +83,7 @@ def mode_step_s(m: ModelConfig, sp: int, tp: int, tokens: int, calib: Calibratio
     """The modelled time of one step of `tokens` on SP x TP ranks, in TP mode (over all ranks) or SP mode."""
     layout = Layout(tp, sp=sp, shift_threshold=tokens if tp_mode else None)
     shape = probe_shape(tokens, lim.max_num_seqs)
-    graph = uses_graph(calib, layout, shape, lim.max_num_seqs, lim.enforce_eager)
+    graph = uses_graph(calib, layout, shape, lim)
     return stage_time(m, layout, 0, shape, calib, lim.itemsize, graph).total_s
 
 
@@ -115,7 +115,8 @@ def resolve_threshold(cfg: EngineConfig, m: ModelConfig, model_name: str, budget
             f"shift threshold {DEFAULT_THRESHOLD} tokens (default: no --calibration with measured or fitted figures "
             f"for this machine)")
     calib = Calibration.load(cfg.calibration)
-    lim = EngineLimits(budget, cfg.max_num_seqs, itemsize, cfg.enforce_eager)
+    lim = EngineLimits(budget, cfg.max_num_seqs, itemsize, cfg.enforce_eager,
+                       max_prefill_graph_tokens=cfg.max_prefill_graph_tokens)
     sp, tp = cfg.sequence_parallel_size, cfg.tensor_parallel_size
     choice = choose_threshold(m, model_name, sp, tp, calib, lim)
     return cfg.replace(shift_threshold=choice.threshold), choice.message(Layout(tp, sp=sp))
