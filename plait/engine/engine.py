@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 from plait.config import EngineConfig, resolve_scheduler_config
 from plait.core import Sequence, StepPlan, StepResult
+from plait.engine.heap import freeze_startup_heap
 from plait.engine.kv_cache import BlockManager
 from plait.engine.output import NewRequest, PromptDelta, StepOutputs, TokenDelta
-from plait.engine.heap import freeze_startup_heap
 from plait.engine.output_proc import make_outputs
 from plait.engine.scheduler import Scheduler
 from plait.engine.stops import token_stop

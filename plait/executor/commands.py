@@ -86,7 +86,8 @@ class RankCommands:
             return runner.num_kv_blocks()
         if cmd == "allocate_kv_cache":  # the end of a rank's start-up (CUDA graphs captured)
             runner.allocate_kv_cache(arg)
-            return freeze_startup_heap()
+            freeze_startup_heap()
+            return None
         if cmd == "execute":
             return runner.execute(arg)
         if cmd == "all_reduce_latency":

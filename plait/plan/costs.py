@@ -11,10 +11,10 @@ the model runner picks (`PagedAttention.forward`):
   but each program walks its split token by token, so with few programs (small batch) the walk is the floor.
 Elementwise kernels stream their activations at copy bandwidth.
 
-Launch cost: replayed from a CUDA graph (decode steps, and a short new prompt alone in its step, `uses_graph`), the
-non-GEMM kernels cost a per-layer constant on the GPU. Eagerly, the
-CPU issues every kernel, a floor the GPU work may hide: per layer, per prompt of an all-new-prompts step (the
-flash path loops over prompts in Python), and per collective (staging, the symmetric-memory op).
+Launch cost: replayed from a CUDA graph (decode steps, and a short new prompt alone in its step: `uses_graph`), the
+non-GEMM kernels cost a per-layer constant on the GPU. Eagerly, the CPU issues every kernel, a floor the GPU work
+may hide: per layer, per prompt of an all-new-prompts step (the flash path loops over prompts in Python), and per
+collective (staging, the symmetric-memory op).
 Memory follows the model runner's own sizing (`ModelRunner.num_kv_blocks`).
 """
 from __future__ import annotations
