@@ -56,16 +56,18 @@ for section in $SECTIONS; do
     # alternating, so a drift of the machine touches both. With SmolLM2's tokenizer (carry .tok, made as
     # benchmarks/serving_tokenizer.py says), so every token is detokenized as a user's would be.
     T="$P bench throughput --dtype bfloat16 --device cuda --num-prompts 4096 --input-len 64 --output-len 128 --max-num-seqs 256"
-    if [ -d .tok/smollm2-135m ]; then T="$T --tokenizer .tok/smollm2-135m"; else echo "== no .tok/smollm2-135m: no detokenization"; fi
+    TS=$T TL=$T  # each model with its own tokenizer (Llama-3.2-1B's ids run past SmolLM2's vocabulary)
+    if [ -d .tok/smollm2-135m ]; then TS="$T --tokenizer .tok/smollm2-135m"; else echo "== no .tok/smollm2-135m: no detokenization"; fi
+    if [ -d .tok/llama3-8b ]; then TL="$T --tokenizer .tok/llama3-8b"; else echo "== no .tok/llama3-8b: no detokenization"; fi
     # MODES picks the settings (default all three; "off on" when device time is short).
     for i in 1 2; do
       for mode in ${MODES:-off sched on}; do
         case $mode in off) flags=$OFF ;; sched) flags=--async-scheduling ;; on) flags=$ON ;; esac
-        run throughput_smollm2_tp1_${mode}_$i 100 $T smollm2-135m $flags
+        run throughput_smollm2_tp1_${mode}_$i 100 $TS smollm2-135m $flags
       done
     done
-    need 2 throughput_llama1b_tp2_off && run throughput_llama1b_tp2_off 80 $T llama3.2-1b --tp 2 $OFF
-    need 2 throughput_llama1b_tp2_on && run throughput_llama1b_tp2_on 80 $T llama3.2-1b --tp 2 $ON_TP
+    need 2 throughput_llama1b_tp2_off && run throughput_llama1b_tp2_off 80 $TL llama3.2-1b --tp 2 $OFF
+    need 2 throughput_llama1b_tp2_on && run throughput_llama1b_tp2_on 80 $TL llama3.2-1b --tp 2 $ON_TP
     ;;
   te8b | te32b)
     model=$([ "$section" = te8b ] && echo llama3-8b || echo qwen2.5-32b)
