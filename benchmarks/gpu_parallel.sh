@@ -1,29 +1,54 @@
 #!/usr/bin/env bash
-# Every parallel mode on one machine of 4 GPUs, one device call: GPU tests, then Llama-3.1-8B-shape latency
-# (dummy weights, bf16) for TP/PP/DP/SP/Shift. Usage on the device: OUT=/some/dir bash benchmarks/gpu_parallel.sh
+# Every parallel layout over all G GPUs of the machine (G = 2 on nvidia-h200-x2, 4 on x4), one device call:
+# Llama-3.1-8B shape, dummy weights, bf16, `plait bench latency` at batch 1 (128 in / 64 out: TTFT, TPOT) and
+# batch 64 (512 in / 64 out: throughput). Most valuable first inside BUDGET (default 560 s): TP=G against PP=G and
+# DP=G (issue 5), then Shift and SP (issue 8), then the 4-GPU hybrids; a run that would not fit is skipped and named.
+# The GPU tests run first (at most 200 s) unless NO_TESTS=1.
+# Usage on the device: OUT=/some/dir [BUDGET=s] [NO_TESTS=1] bash benchmarks/gpu_parallel.sh
+# Results: $OUT/latency_<layout>_bs<batch>.json, $OUT/pytest_gpu.log, $OUT/parallel.log
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 OUT=${OUT:-benchmarks/results}
+RUNS=$OUT
+BUDGET=${BUDGET:-560}
 mkdir -p "$OUT"
-B="timeout 120 python3 -m plait.cli bench latency llama3-8b --dtype bfloat16 --device cuda --num-iters 2"
+exec > >(tee -a "$OUT/parallel.log") 2>&1
+. benchmarks/budget.sh
+G=$NGPU
+B="python3 -m plait.cli bench latency llama3-8b --dtype bfloat16 --device cuda --num-iters 2"
 
-timeout 200 python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider --tb=short > "$OUT/pytest_gpu.log" 2>&1
-tail -2 "$OUT/pytest_gpu.log"
-SMALL="--batch-size 1 --input-len 128 --output-len 64 --max-num-seqs 8"
-$B --tp 4 $SMALL --output-json "$OUT/latency_tp4_bs1.json" | tail -4
-$B --sp 4 --shift $SMALL --output-json "$OUT/latency_shift4_bs1.json" | tail -4
-$B --sp 4 $SMALL --output-json "$OUT/latency_sp4_bs1.json" | tail -4
-$B --tp 2 --pp 2 $SMALL --output-json "$OUT/latency_tp2xpp2_bs1.json" | tail -4
-$B --pp 4 $SMALL --output-json "$OUT/latency_pp4_bs1.json" | tail -4
-BIG="--batch-size 64 --input-len 512 --output-len 64 --max-num-seqs 64"
-$B --tp 4 $BIG --output-json "$OUT/latency_tp4_bs64.json" | tail -4
-$B --sp 4 --shift $BIG --output-json "$OUT/latency_shift4_bs64.json" | tail -4
-$B --dp 4 $BIG --output-json "$OUT/latency_dp4_bs64.json" | tail -4
-$B --sp 4 $BIG --output-json "$OUT/latency_sp4_bs64.json" | tail -4
-python3 - "$OUT" <<'PY'
+if [ -z "${NO_TESTS:-}" ]; then
+  timeout 200 python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider --tb=short > "$OUT/pytest_gpu.log" 2>&1
+  tail -n 2 "$OUT/pytest_gpu.log"
+fi
+
+# point LAYOUT BATCH FLAGS...: one bench latency run of LAYOUT at batch 1 or 64
+point() {
+  local layout=$1 batch=$2 shape="--batch-size 1 --input-len 128 --output-len 64 --max-num-seqs 8"; shift 2
+  [ "$batch" = 64 ] && shape="--batch-size 64 --input-len 512 --output-len 64 --max-num-seqs 64"
+  run "latency_${layout}_bs$batch" 130 $B $shape "$@"
+}
+
+point tp$G 1 --tp $G
+point pp$G 1 --pp $G
+point tp$G 64 --tp $G
+point pp$G 64 --pp $G
+point dp$G 64 --dp $G
+point dp$G 1 --dp $G
+point shift$G 1 --sp $G --shift
+point shift$G 64 --sp $G --shift
+point sp$G 64 --sp $G
+point sp$G 1 --sp $G
+if need 4 "latency_tp2xpp2 (4-GPU hybrids)"; then
+  point tp2xpp2 1 --tp 2 --pp 2
+  point tp2xpp2 64 --tp 2 --pp 2
+  point sp2xtp2 64 --sp 2 --tp 2
+fi
+python3 - "$OUT" "$SKIPPED" <<'PY'
 import json, pathlib, sys
 for f in sorted(pathlib.Path(sys.argv[1]).glob("latency_*.json")):
     r = json.loads(f.read_text()); fl = r.get("floors", {})
     print(f"{r['parallel']:8s} bs={r['batch_size']:<3d} TTFT {r['ttft_ms']['median']:8.2f} ms  TPOT {r['tpot_ms']['median']:7.3f} ms"
           f" (floor {fl.get('decode_ms', 0):6.3f}, x{fl.get('tpot_over_floor', 0):.2f})  {r['output_throughput_tok_s']:8.1f} tok/s")
+print("skipped:", sys.argv[2] or "none")
 PY
