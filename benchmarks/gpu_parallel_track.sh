@@ -5,7 +5,7 @@
 #            corpus, in parallel over the GPUs; held-out loss table and plot; every checkpoint served by plait
 #            (on 1 GPU, and the D=4 one with a track per GPU).
 #   speed:   the PT GPU tests, then Llama-3.1-8B shape, dummy weights, bf16, 4 GPUs: dense TP=4 against
-#            pt-llama3-8b-t4-dD (a track per GPU), D = 4 first, then 1, 2, 8.
+#            pt-llama3-8b-t4-dD (a track per GPU), D = 4 first, then 1, 2, 8 (on 2 GPUs: TP=2 against T=2).
 # Build the corpus here first and carry it:  .venv/bin/python -m benchmarks.pt_quality.corpus --out .ptq/corpus.npz
 # Usage on the device (carry .ptq):  OUT=/some/dir bash benchmarks/gpu_parallel_track.sh [all|quality|speed]
 # A run cut by its budget says so in the results (steps done, figures missing); run the phases as two calls with
@@ -55,10 +55,12 @@ quality() {
 speed() {
   timeout 90 python3 -m pytest -q -m gpu tests/gpu/test_parallel_track_gpu.py -p no:cacheprovider --tb=short \
     > "$OUT/pytest_pt_gpu.log" 2>&1; tail -n 2 "$OUT/pytest_pt_gpu.log"
-  # dense first (every ratio needs it), then D=4 (the targets), then the rest of the sweep
-  for spec in dense:llama3-8b pt-d4:pt-llama3-8b-t4-d4 pt-d1:pt-llama3-8b-t4-d1 pt-d2:pt-llama3-8b-t4-d2 pt-d8:pt-llama3-8b-t4-d8; do
+  # dense first (every ratio needs it), then D=4 (the targets), then the rest of the sweep; T = the machine's GPUs
+  # (4 on x4; on x2, 2 tracks against dense TP=2)
+  t=$([ "$ngpu" -ge 4 ] && echo 4 || echo "$ngpu")
+  for spec in dense:llama3-8b pt-d4:pt-llama3-8b-t$t-d4 pt-d1:pt-llama3-8b-t$t-d1 pt-d2:pt-llama3-8b-t$t-d2 pt-d8:pt-llama3-8b-t$t-d8; do
     IFS=: read -r label model <<< "$spec"
-    timeout "$VARIANT_SECONDS" python3 benchmarks/pt_speed.py run "$model" --tp 4 --label "$label" --num-prompts 32 \
+    timeout "$VARIANT_SECONDS" python3 benchmarks/pt_speed.py run "$model" --tp "$t" --label "$label" --num-prompts 32 \
       --output-json "$WORK/speed/pt_speed_$label.json" | grep -v "^$label tpot\|^$label ttft"
   done
   python3 benchmarks/pt_speed.py report "$WORK/speed" --output-json "$OUT/pt_speed.json"
