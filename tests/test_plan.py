@@ -201,10 +201,10 @@ def test_attention_follows_the_kernel_that_runs_it():
     assert StepShape(((0, 5), (0, 7)), 2, "prefill").fresh and not StepShape(((3, 1), (0, 7)), 2, "mixed").fresh
 
 
-def test_a_short_prompt_alone_prefills_from_a_graph_as_in_the_engine(llama8b):
+def test_graphs_are_priced_where_the_engine_replays_them(llama8b):
     """The model runner replays one whole new prompt of up to max_prefill_graph_tokens (its largest bucket) from a
-    CUDA graph (`ModelRunner._prefill_graph_step`); the model prices that step, and only that one, without the
-    CPU's eager issue."""
+    CUDA graph (`ModelRunner._prefill_graph_step`), and on a pipeline stage its decode body; the model prices
+    those steps, and only those, without the CPU's eager issue."""
     from plait.plan.costs import prefill_graph_tokens, uses_graph
 
     calib, lim = h200_defaults(), EngineLimits(8192, 32)
@@ -217,6 +217,11 @@ def test_a_short_prompt_alone_prefills_from_a_graph_as_in_the_engine(llama8b):
     assert not uses_graph(calib, Layout(1), StepShape(((0, 128),), 127, "prefill"), lim)  # prompt logprobs: all rows
     assert not uses_graph(calib, Layout(1, 2), one, lim) and not uses_graph(calib, Layout(1, sp=2), one, lim)
     assert not uses_graph(calib, Layout(1), one, dataclasses.replace(lim, enforce_eager=True))
+    decode = StepShape(((128, 1), (40, 1)), 2, "decode")  # a pipeline stage replays its decode body, not its prefills
+    assert uses_graph(calib, Layout(1, 2), decode, lim)
+    assert not uses_graph(calib, Layout(1, 2), decode, dataclasses.replace(lim, pipeline_graphs=False))
+    old = EngineLimits.recorded({"max_num_batched_tokens": 2048, "max_num_seqs": 8, "dtype": "bfloat16"})
+    assert (old.max_prefill_graph_tokens, old.pipeline_graphs) == (0, False)  # a record from before both existed
     graphed = predict(llama8b, Layout(1), 1, 128, 8, calib, lim)
     eager = predict(llama8b, Layout(1), 1, 128, 8, calib, dataclasses.replace(lim, max_prefill_graph_tokens=0))
     # benchmarks/results/latency_tp1_bs1.json: this prompt's TTFT measured 6.07 ms with prefill graphs on one H200

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from plait.layers.attention import AttentionMetadata
+from plait.parallel.pipeline import PipelineStage
 
 
 @dataclass
@@ -55,7 +56,7 @@ class _GraphSet:
         self.host_np = self.host.numpy()
         self.copied = torch.cuda.Event()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, object] = {}  # each bucket's static outputs: logits, or a pipeline stage's (x, residual)
 
     def _forward(self, b: int) -> torch.Tensor:
         raise NotImplementedError
@@ -73,7 +74,7 @@ class _GraphSet:
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.logits[b] = self._forward(b)
+                self.outputs[b] = self._forward(b)
             self.graphs[b] = graph
         torch.cuda.synchronize()
 
@@ -92,8 +93,13 @@ class _GraphSet:
 
 
 class DecodeGraphs(_GraphSet):
-    def __init__(self, model, max_batch: int, max_model_len: int, block_size: int, scratch_block: int, device):
-        self.block_size, self.scratch = block_size, scratch_block
+    """Decode steps per batch bucket. On a pipeline stage (`stage`) a graph holds only the stage's body: the stage
+    before's activations are received eagerly into a static input, and the outputs are sent on eagerly after the
+    replay (`PipelineStage.body`)."""
+
+    def __init__(self, model, max_batch: int, max_model_len: int, block_size: int, scratch_block: int, device,
+                 stage: PipelineStage | None = None):
+        self.block_size, self.scratch, self.stage = block_size, scratch_block, stage
         self.max_blocks = -(-max_model_len // block_size)
         buckets = graph_buckets(max_batch)
         n = self.n = buckets[-1]
@@ -108,6 +114,10 @@ class DecodeGraphs(_GraphSet):
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         self.splits = {b: decode_splits(b, attn.num_kv_heads, max_model_len, sms) for b in self.buckets}
         self.width = 1
+        self.carried = None  # a later stage's static input: the stage before's (x, residual) rows
+        if stage is not None and not stage.first:
+            dtype = next(stage.parameters()).dtype
+            self.carried = torch.zeros(2, n, stage.cfg.hidden_size, dtype=dtype, device=device)
 
     def _meta(self, b: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -116,9 +126,12 @@ class DecodeGraphs(_GraphSet):
             backend="triton", num_splits=self.splits[b],
         )
 
-    def _forward(self, b: int) -> torch.Tensor:
-        hidden = self.model(self.ids[:b], self.positions[:b], self._meta(b))
-        return self.model.compute_logits(hidden)
+    def _forward(self, b: int):
+        if self.stage is None:
+            return self.model.compute_logits(self.model(self.ids[:b], self.positions[:b], self._meta(b)))
+        carried = None if self.carried is None else (self.carried[0, :b], self.carried[1, :b])
+        out = self.stage.body(self.ids[:b], carried, self.positions[:b], self._meta(b))
+        return self.stage.compute_logits(out) if self.stage.last else out
 
     def _fill(self, x: StepInputs) -> None:
         """Write the step (and padding rows that point at the scratch block) into the pinned host buffer."""
@@ -138,15 +151,23 @@ class DecodeGraphs(_GraphSet):
         self.buf[: 4 * k].copy_(self.host[: 4 * k], non_blocking=True)
         self.tables[:, : self.width].copy_(self.host_tables[:, : self.width], non_blocking=True)
 
-    def run(self, x: StepInputs, fill: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-        """B decode rows -> logits [B, vocab]. `fill(ids)` overwrites placeholder ids on the device (in place)
-        after the copy and before the replay: the tokens sampled last step, which the host does not know yet."""
+    def run(self, x: StepInputs, fill: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """B decode rows -> logits [B, vocab] (None on a pipeline stage before the last). `fill(ids)` overwrites
+        placeholder ids on the device (in place) after the copy and before the replay: the tokens sampled last
+        step, which the host does not know yet."""
+        n = len(x.ids)
         self._load(x)
         if fill is not None:
-            fill(self.ids[: len(x.ids)])
-        b = self.bucket_for(len(x.ids))
+            fill(self.ids[:n])
+        if self.carried is not None:  # copied in on the compute stream: after the last replay has read them
+            for buf, t in zip(self.carried, self.stage.receive(n, self.ids.device)):
+                buf[:n].copy_(t)
+        b = self.bucket_for(n)
         self.graphs[b].replay()
-        return self.logits[b][: len(x.ids)]
+        if self.stage is not None and not self.stage.last:  # copies: the next replay overwrites the outputs
+            self.stage.send_on(*(t[:n].clone() for t in self.outputs[b]))
+            return None
+        return self.outputs[b][:n]
 
 
 def prefill_buckets(max_tokens: int) -> list[int]:
@@ -188,4 +209,4 @@ class PrefillGraphs(_GraphSet):
         self._load(x)
         b = self.bucket_for(len(x.ids))
         self.graphs[b].replay()
-        return self.logits[b]
+        return self.outputs[b]

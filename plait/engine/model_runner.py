@@ -150,7 +150,7 @@ class ModelRunner:
                 2, num_blocks + 1, self.cfg.block_size, attn.num_kv_heads, attn.head_dim, dtype=self.dtype, device=self.device
             )
         self.scratch_block = num_blocks
-        if self.device.type == "cuda" and not self.cfg.enforce_eager and self.ctx.num_stages == 1 and self.profiler is None:
+        if self.device.type == "cuda" and not self.cfg.enforce_eager and self.profiler is None:
             self._capture_graphs(num_blocks)
 
     def execute(self, plan: StepPlan) -> PendingResult | None:
@@ -221,7 +221,8 @@ class ModelRunner:
     def _capture_graphs(self, num_blocks: int) -> None:
         """Decode graphs per batch bucket, and prefill graphs per prompt-length bucket, in one memory pool. Under
         Shift the decode graphs capture the tensor-parallel mode, which every decode step of up to shift_threshold
-        sequences runs in; prefills there, and all of pure sequence parallelism, run eager."""
+        sequences runs in; prefills there, and all of pure sequence parallelism, run eager. A pipeline stage
+        captures its decode body only (send/recv stay eager around the replay); its prefills run eager."""
         max_batch = self.cfg.max_num_seqs
         pool = torch.cuda.graph_pool_handle()
         if self._sp:
@@ -230,10 +231,11 @@ class ModelRunner:
             max_batch = min(max_batch, self.plan.shift_threshold)
             self.plan.shifted = True
         bs = self.cfg.block_size
-        self.graphs = DecodeGraphs(self.model, max_batch, self.max_model_len, bs, num_blocks, self.device)
+        stage = self.model if self.ctx.num_stages > 1 else None
+        self.graphs = DecodeGraphs(self.model, max_batch, self.max_model_len, bs, num_blocks, self.device, stage)
         self.graphs.capture(pool)
         prefill_tokens = min(self.cfg.max_prefill_graph_tokens, self.max_num_batched_tokens, self.max_model_len)
-        if not self._sp and prefill_tokens >= 16:
+        if not self._sp and stage is None and prefill_tokens >= 16:
             self.prefill_graphs = PrefillGraphs(self.model, prefill_tokens, bs, num_blocks, self.device)
             self.prefill_graphs.capture(pool)
 

@@ -3,6 +3,8 @@
 A stage is the model with the layers it does not own deleted (and the embedding on all but the first stage,
 the final norm and LM head on all but the last): the model file knows nothing of pipelines. Between stages
 the hidden state and the residual stream travel by send/recv through the communicator, one pair per boundary.
+A stage's step is receive, body, send on: the body alone goes into a decode CUDA graph (plait.engine.cuda_graph),
+the send/recv stay outside it, eager (PyTorch cannot capture NCCL point-to-point ops in a graph).
 """
 
 from __future__ import annotations
@@ -61,19 +63,31 @@ class PipelineStage(nn.Module):
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor | None:
         """Returns the final hidden states on the last stage, None elsewhere."""
-        T, H = ids.shape[0], self.model.cfg.hidden_size
-        if self.first:
-            x, residual = self.model.embed_tokens(ids), None
-        else:
-            dtype = next(self.model.parameters()).dtype
-            x = self.pipe.recv((T, H), dtype, ids.device, self.prev_rank)
-            residual = self.pipe.recv((T, H), dtype, ids.device, self.prev_rank)
-        x, residual = self.model.run_layers(x, residual, positions, meta)
+        out = self.body(ids, self.receive(ids.shape[0], ids.device), positions, meta)
         if self.last:
-            return self.model.final_norm(x, residual)
+            return out
+        self.send_on(*out)
+        return None
+
+    def receive(self, num_tokens: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The stage before's (x, residual), each [T, hidden]; None on the first stage."""
+        if self.first:
+            return None
+        shape, dtype = (num_tokens, self.model.cfg.hidden_size), next(self.model.parameters()).dtype
+        x = self.pipe.recv(shape, dtype, device, self.prev_rank)
+        return x, self.pipe.recv(shape, dtype, device, self.prev_rank)
+
+    def body(self, ids: torch.Tensor, carried: tuple[torch.Tensor, torch.Tensor] | None, positions: torch.Tensor, meta):
+        """The stage's own work, no communication (so a CUDA graph can hold it): embed the ids (first stage) or go on
+        from `carried`, run the owned layers, and on the last stage the final norm. -> the final hidden states
+        [T, hidden] on the last stage, else (x, residual) for the next."""
+        x, residual = (self.model.embed_tokens(ids), None) if carried is None else carried
+        x, residual = self.model.run_layers(x, residual, positions, meta)
+        return self.model.final_norm(x, residual) if self.last else (x, residual)
+
+    def send_on(self, x: torch.Tensor, residual: torch.Tensor) -> None:
         self.pipe.send(x, self.next_rank)
         self.pipe.send(residual, self.next_rank)
-        return None
 
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.model.compute_logits(h)

@@ -136,11 +136,14 @@ class StageTime:
 
 
 def uses_graph(calib: Calibration, layout: Layout, shape: StepShape, lim: EngineLimits) -> bool:
-    """Whether the model runner replays the step from a CUDA graph (GPU, one stage, every logits row sampled): a
-    decode step that fits a batch bucket, or one whole new prompt alone in its step that fits a prefill bucket
-    (`max_prefill_graph_tokens`). Under sequence parallelism only Shift's TP mode has graphs, decode ones, captured
-    up to the threshold; SP-mode steps and prefills there run eager."""
-    if calib.device != "cuda" or lim.enforce_eager or layout.pp > 1 or shape.logit_rows != shape.seqs:
+    """Whether the model runner replays the step from a CUDA graph (GPU, every logits row sampled): a decode step
+    that fits a batch bucket (on a pipeline stage its body, the stage-to-stage transfers eager around it), or one
+    whole new prompt alone in its step that fits a prefill bucket (`max_prefill_graph_tokens`; one stage only).
+    Under sequence parallelism only Shift's TP mode has graphs, decode ones, captured up to the threshold; SP-mode
+    steps and prefills there run eager."""
+    if calib.device != "cuda" or lim.enforce_eager or shape.logit_rows != shape.seqs:
+        return False
+    if layout.pp > 1 and (shape.phase != "decode" or not lim.pipeline_graphs):
         return False
     if shape.phase == "prefill":
         return layout.sp == 1 and shape.seqs == 1 and shape.fresh and shape.tokens <= prefill_graph_tokens(lim)

@@ -37,13 +37,16 @@ class EngineLimits:
     block_size: int = 16
     prompt_logprobs: bool = False
     max_prefill_graph_tokens: int = 512
+    pipeline_graphs: bool = True  # a pipeline stage replays its decode body from graphs
 
     @classmethod
     def recorded(cls, eng: dict) -> "EngineLimits":
-        """The limits of an engine recorded as `dataclasses.asdict(EngineConfig)` (benchmarks/comm_validate.py); a
-        record from before prefill graphs existed ran every prefill eagerly."""
+        """The limits of an engine recorded as `dataclasses.asdict(EngineConfig)` (benchmarks/comm_validate.py). A
+        record without max_prefill_graph_tokens comes from an engine before prefill graphs and pipeline decode graphs
+        existed: it ran those steps eagerly."""
+        new = "max_prefill_graph_tokens" in eng
         return cls(eng["max_num_batched_tokens"], eng["max_num_seqs"], 4 if eng["dtype"] == "float32" else 2,
-                   max_prefill_graph_tokens=eng.get("max_prefill_graph_tokens", 0))
+                   max_prefill_graph_tokens=eng["max_prefill_graph_tokens"] if new else 0, pipeline_graphs=new)
 
 
 @dataclass
