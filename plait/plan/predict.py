@@ -27,7 +27,8 @@ from plait.plan.workload import StepShape, fixed_batch_steps
 
 @dataclass(frozen=True)
 class EngineLimits:
-    """The engine settings that shape the steps (EngineConfig fields of the same names)."""
+    """The engine settings that shape the steps (EngineConfig fields of the same names, but `pipeline_graphs`, which
+    says whether the engine had decode graphs for pipeline stages: records made before they existed did not)."""
 
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 64
