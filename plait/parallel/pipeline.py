@@ -78,9 +78,10 @@ class PipelineStage(nn.Module):
         return x, self.pipe.recv(shape, dtype, device, self.prev_rank)
 
     def body(self, ids: torch.Tensor, carried: tuple[torch.Tensor, torch.Tensor] | None, positions: torch.Tensor, meta):
-        """The stage's own work, no communication (so a CUDA graph can hold it): embed the ids (first stage) or go on
-        from `carried`, run the owned layers, and on the last stage the final norm. -> the final hidden states
-        [T, hidden] on the last stage, else (x, residual) for the next."""
+        """The stage's own work, nothing sent between stages, so a CUDA graph can hold it (a TP group's collectives
+        inside it are capturable): embed the ids (first stage) or go on from `carried`, run the owned layers, and on
+        the last stage the final norm. -> the final hidden states [T, hidden] on the last stage, else (x, residual)
+        for the next."""
         x, residual = (self.model.embed_tokens(ids), None) if carried is None else carried
         x, residual = self.model.run_layers(x, residual, positions, meta)
         return self.model.final_norm(x, residual) if self.last else (x, residual)
