@@ -217,6 +217,11 @@ def test_graphs_are_priced_where_the_engine_replays_them(llama8b):
     assert not uses_graph(calib, Layout(1), StepShape(((0, 128),), 127, "prefill"), lim)  # prompt logprobs: all rows
     assert not uses_graph(calib, Layout(1, 2), one, lim) and not uses_graph(calib, Layout(1, sp=2), one, lim)
     assert not uses_graph(calib, Layout(1), one, dataclasses.replace(lim, enforce_eager=True))
+    shift = Layout(1, sp=2, shift_threshold=256)  # Shift's TP mode has prefill graphs, their buckets up to the threshold
+    assert uses_graph(calib, shift, one, lim) and prefill_graph_tokens(lim, 100) == 64
+    ninety = StepShape(((0, 90),), 1, "prefill")  # TP mode at threshold 100, but past the largest bucket there
+    assert uses_graph(calib, shift, ninety, lim)
+    assert not uses_graph(calib, dataclasses.replace(shift, shift_threshold=100), ninety, lim)
     decode = StepShape(((128, 1), (40, 1)), 2, "decode")  # a pipeline stage replays its decode body, not its prefills
     assert uses_graph(calib, Layout(1, 2), decode, lim)
     assert not uses_graph(calib, Layout(1, 2), decode, dataclasses.replace(lim, pipeline_graphs=False))

@@ -220,9 +220,10 @@ class ModelRunner:
 
     def _capture_graphs(self, num_blocks: int) -> None:
         """Decode graphs per batch bucket, and prefill graphs per prompt-length bucket, in one memory pool. Under
-        Shift the decode graphs capture the tensor-parallel mode, which every decode step of up to shift_threshold
-        sequences runs in; prefills there, and all of pure sequence parallelism, run eager. A pipeline stage
-        captures its decode body only (send/recv stay eager around the replay); its prefills run eager."""
+        Shift both capture the tensor-parallel mode, which every step of up to shift_threshold tokens runs in (so
+        prefill graphs stop at the threshold); SP-mode steps, and all of pure sequence parallelism, run eager. A
+        pipeline stage captures its decode body only (send/recv stay eager around the replay); its prefills run
+        eager."""
         max_batch = self.cfg.max_num_seqs
         pool = torch.cuda.graph_pool_handle()
         if self._sp:
@@ -234,8 +235,9 @@ class ModelRunner:
         stage = self.model if self.ctx.num_stages > 1 else None
         self.graphs = DecodeGraphs(self.model, max_batch, self.max_model_len, bs, num_blocks, self.device, stage)
         self.graphs.capture(pool)
-        prefill_tokens = min(self.cfg.max_prefill_graph_tokens, self.max_num_batched_tokens, self.max_model_len)
-        if not self._sp and stage is None and prefill_tokens >= 16:
+        prefill_tokens = min(self.cfg.max_prefill_graph_tokens, self.max_num_batched_tokens, self.max_model_len,
+                             self.plan.shift_threshold if self._sp else self.max_model_len)
+        if stage is None and prefill_tokens >= 16:
             self.prefill_graphs = PrefillGraphs(self.model, prefill_tokens, bs, num_blocks, self.device)
             self.prefill_graphs.capture(pool)
 

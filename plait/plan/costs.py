@@ -139,14 +139,16 @@ def uses_graph(calib: Calibration, layout: Layout, shape: StepShape, lim: Engine
     """Whether the model runner replays the step from a CUDA graph (GPU, every logits row sampled): a decode step
     that fits a batch bucket (on a pipeline stage its body, the stage-to-stage transfers eager around it), or one
     whole new prompt alone in its step that fits a prefill bucket (`max_prefill_graph_tokens`; one stage only).
-    Under sequence parallelism only Shift's TP mode has graphs, decode ones, captured up to the threshold; SP-mode
-    steps and prefills there run eager."""
+    Under sequence parallelism only Shift's TP mode has graphs, captured up to the threshold; SP-mode steps run
+    eager."""
     if calib.device != "cuda" or lim.enforce_eager or shape.logit_rows != shape.seqs:
         return False
     if layout.pp > 1 and (shape.phase != "decode" or not lim.pipeline_graphs):
         return False
     if shape.phase == "prefill":
-        return layout.sp == 1 and shape.seqs == 1 and shape.fresh and shape.tokens <= prefill_graph_tokens(lim)
+        if layout.sp > 1 and layout.shift_threshold is None:
+            return False
+        return shape.seqs == 1 and shape.fresh and shape.tokens <= prefill_graph_tokens(lim, layout.shift_threshold)
     max_num_seqs = lim.max_num_seqs
     if layout.sp > 1:
         if not layout.shifted(shape.tokens):
@@ -155,9 +157,11 @@ def uses_graph(calib: Calibration, layout: Layout, shape: StepShape, lim: Engine
     return shape.phase == "decode" and shape.seqs <= max_num_seqs
 
 
-def prefill_graph_tokens(lim: EngineLimits) -> int:
-    """The longest prompt the engine's prefill graphs hold (its largest bucket; 0 when it captures none)."""
-    most = min(lim.max_prefill_graph_tokens, lim.max_num_batched_tokens)
+def prefill_graph_tokens(lim: EngineLimits, shift_threshold: int | None = None) -> int:
+    """The longest prompt the engine's prefill graphs hold (its largest bucket; 0 when it captures none). Under
+    Shift they hold its TP mode only, so they stop at the threshold."""
+    most = min(lim.max_prefill_graph_tokens, lim.max_num_batched_tokens,
+               lim.max_num_batched_tokens if shift_threshold is None else shift_threshold)
     return max(prefill_buckets(most), default=0) if most >= 16 else 0
 
 

@@ -127,11 +127,14 @@ def test_two_gpu_modes_match_single_rank(checkpoint, single_rank_fp32, kw):
 
 
 @needs_cuda
-@pytest.mark.parametrize("kw", [dict(), pytest.param(dict(tensor_parallel_size=2), marks=pytest.mark.skipif(
-    torch.cuda.device_count() < 2, reason="needs 2 GPUs"))], ids=["tp1", "tp2"])
+@pytest.mark.parametrize("kw", [dict()] + [pytest.param(kw, marks=pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="needs 2 GPUs")) for kw in (
+        dict(tensor_parallel_size=2),
+        dict(sequence_parallel_size=2, shift_parallel=True, shift_threshold=64))], ids=["tp1", "tp2", "shift2"])
 def test_prefill_graphs_match_eager_prefill(checkpoint, kw):
     """A prompt alone in its step replays from a prefill graph, padded at its end to a length bucket (16, 32, ...):
-    the same tokens and logprobs as the eager prefill, prompt lengths on and off the bucket edges."""
+    the same tokens and logprobs as the eager prefill, prompt lengths on and off the bucket edges. Under Shift the
+    graphs run its TP mode and stop at the threshold (the 100-token prompt runs SP mode, eager)."""
     params = SamplingParams(temperature=0, max_tokens=8, logprobs=5, ignore_eos=True)
     prompts = [list(range(3, 19)), list(range(100, 160)), list(range(7, 107)), [5] * 3]  # 16, 60, 100, 3 tokens
     runs = []
