@@ -70,7 +70,7 @@ def measure(cfg: EngineConfig, args) -> dict:
     engine = make_engine(cfg)
     try:
         run(engine, 2 * cfg.data_parallel_size, args.input_len, 4, seed=1)  # compile and tune on every replica
-        profile = cProfile.Profile() if getattr(args, "profile_host", False) else None
+        profile = cProfile.Profile() if args.profile_host else None
         with gpu_timeline.recorded(engine, cfg.resolved_device()) as timeline, profile or contextlib.nullcontext():
             figures = run(engine, args.num_prompts, args.input_len, args.output_len)
     finally:

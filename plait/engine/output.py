@@ -61,8 +61,7 @@ Decode = Callable[[list[list[int]], bool], list[str]]  # (id lists, skip_special
 def text_decoder(tokenizer) -> Decode:
     """The tokenizer's batch decode, called straight on its Rust backend where that gives the same text (no
     clean-up of spaces after decoding). A step's detokenization is one call for every sequence: transformers'
-    wrapper costs ~5 us a call in conversions, and the backend's batch decode releases the GIL while it runs, so
-    on the output thread it does not slow the step loop (a call per sequence holds the GIL). Without a tokenizer
+    wrapper costs ~5 us a call in conversions, and one batch call replaces two per sequence. Without a tokenizer
     every text is empty."""
     if tokenizer is None:
         return lambda batch, skip: [""] * len(batch)

@@ -160,8 +160,9 @@ def uses_graph(calib: Calibration, layout: Layout, shape: StepShape, lim: Engine
 def prefill_graph_tokens(lim: EngineLimits, shift_threshold: int | None = None) -> int:
     """The longest prompt the engine's prefill graphs hold (its largest bucket; 0 when it captures none). Under
     Shift they hold its TP mode only, so they stop at the threshold."""
-    most = min(lim.max_prefill_graph_tokens, lim.max_num_batched_tokens,
-               lim.max_num_batched_tokens if shift_threshold is None else shift_threshold)
+    most = min(lim.max_prefill_graph_tokens, lim.max_num_batched_tokens)
+    if shift_threshold is not None:
+        most = min(most, shift_threshold)
     return max(prefill_buckets(most), default=0) if most >= 16 else 0
 
 
