@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 import transformers
@@ -177,7 +179,9 @@ def test_throughput_bench_reports_how_busy_the_gpu_was(checkpoint):
     from plait.bench import throughput
     from plait.config import EngineConfig
 
-    args = type("Args", (), {"num_prompts": 16, "input_len": 32, "output_len": 16})()
+    parser = argparse.ArgumentParser()
+    throughput.add_args(parser)  # the command's own parser: its defaults, so the test sees every field it reads
+    args = parser.parse_args(["--num-prompts", "16", "--input-len", "32", "--output-len", "16"])
     cfg = EngineConfig(model=checkpoint[0], dtype="bfloat16", device="cuda", kv_cache_memory_bytes=1 << 30)
     result = throughput.measure(cfg, args)
     assert result["output_tokens"] == 16 * 16 and len(result["gpu_timeline"]) == 1
