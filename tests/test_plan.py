@@ -224,9 +224,16 @@ def test_graphs_are_priced_where_the_engine_replays_them(llama8b):
     assert not uses_graph(calib, dataclasses.replace(shift, shift_threshold=100), ninety, lim)
     decode = StepShape(((128, 1), (40, 1)), 2, "decode")  # a pipeline stage replays its decode body, not its prefills
     assert uses_graph(calib, Layout(1, 2), decode, lim)
-    assert not uses_graph(calib, Layout(1, 2), decode, dataclasses.replace(lim, pipeline_graphs=False))
+    assert not uses_graph(calib, Layout(1, 2), decode, dataclasses.replace(lim, layout_graphs=False))
+    # SP mode replays decode at every batch bucket, alone or above Shift's threshold; its prefills run eager
+    wide = StepShape(tuple((128, 1) for _ in range(20)), 20, "decode")
+    sp, shift8, before = Layout(1, sp=2), dataclasses.replace(shift, shift_threshold=8), dataclasses.replace(lim, layout_graphs=False)
+    assert all(uses_graph(calib, layout, s, lim) for layout in (sp, shift8) for s in (decode, wide))
+    assert not uses_graph(calib, sp, decode, before) and not uses_graph(calib, shift8, wide, before)
+    assert uses_graph(calib, shift8, decode, before)  # two rows: Shift's TP mode, graphed before SP graphs existed
+    assert not uses_graph(calib, sp, wide, dataclasses.replace(lim, max_num_seqs=16))
     old = EngineLimits.recorded({"max_num_batched_tokens": 2048, "max_num_seqs": 8, "dtype": "bfloat16"})
-    assert (old.max_prefill_graph_tokens, old.pipeline_graphs) == (0, False)  # a record from before both existed
+    assert (old.max_prefill_graph_tokens, old.layout_graphs) == (0, False)  # a record from before both existed
     graphed = predict(llama8b, Layout(1), 1, 128, 8, calib, lim)
     eager = predict(llama8b, Layout(1), 1, 128, 8, calib, dataclasses.replace(lim, max_prefill_graph_tokens=0))
     # benchmarks/results/latency_tp1_bs1.json: this prompt's TTFT measured 6.07 ms with prefill graphs on one H200

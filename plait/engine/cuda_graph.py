@@ -17,6 +17,7 @@ import torch
 
 from plait.layers.attention import AttentionMetadata
 from plait.parallel.pipeline import PipelineStage
+from plait.parallel.sequence import SequenceParallel
 
 
 @dataclass
@@ -31,9 +32,11 @@ class StepInputs:
     tables: list[list[int]]  # per sequence: its block table
 
 
-def graph_buckets(max_batch: int) -> list[int]:
+def graph_buckets(max_batch: int, multiple: int = 1, above: int = 0) -> list[int]:
+    """Batch sizes that hold every batch in (above, max_batch], each a multiple of `multiple` (sequence parallelism
+    splits a step's rows evenly over its ranks)."""
     sizes = [1, 2, 4, 8] + list(range(16, max_batch + 16, 16))
-    return sorted({min(s, max_batch) for s in sizes})
+    return sorted({b for b in (-(-min(s, max_batch) // multiple) * multiple for s in sizes) if b > above})
 
 
 def decode_splits(batch: int, kv_heads: int, max_model_len: int, sms: int) -> int:
@@ -95,13 +98,13 @@ class _GraphSet:
 class DecodeGraphs(_GraphSet):
     """Decode steps per batch bucket. On a pipeline stage (`stage`) a graph holds only the stage's body: the stage
     before's activations are received eagerly into a static input, and the outputs are sent on eagerly after the
-    replay (`PipelineStage.body`)."""
+    replay (`PipelineStage.body`). In sequence-parallel mode (`sequence`) a graph holds the SP forward: each rank
+    runs its share of the bucket's rows, the head exchanges and the final gather captured with it."""
 
-    def __init__(self, model, max_batch: int, max_model_len: int, block_size: int, scratch_block: int, device,
-                 stage: PipelineStage | None = None):
-        self.block_size, self.scratch, self.stage = block_size, scratch_block, stage
+    def __init__(self, model, buckets: list[int], max_model_len: int, block_size: int, scratch_block: int, device,
+                 stage: PipelineStage | None = None, sequence: SequenceParallel | None = None):
+        self.block_size, self.scratch, self.stage, self.sequence = block_size, scratch_block, stage, sequence
         self.max_blocks = -(-max_model_len // block_size)
-        buckets = graph_buckets(max_batch)
         n = self.n = buckets[-1]
         # [ids | positions | slots | seq_lens | block tables]; padding rows are filled on the host too: no device
         # work before the replay.
@@ -127,6 +130,9 @@ class DecodeGraphs(_GraphSet):
         )
 
     def _forward(self, b: int):
+        if self.sequence is not None:
+            hidden = self.sequence.forward(self.model, self.ids[:b], self.positions[:b], self._meta(b))
+            return self.model.compute_logits(hidden)
         if self.stage is None:
             return self.model.compute_logits(self.model(self.ids[:b], self.positions[:b], self._meta(b)))
         carried = None if self.carried is None else (self.carried[0, :b], self.carried[1, :b])

@@ -18,7 +18,7 @@ from plait.comm.communicator import Communicator
 from plait.comm.profiler import CommProfiler
 from plait.config import EngineConfig
 from plait.core import StepPlan
-from plait.engine.cuda_graph import DecodeGraphs, PrefillGraphs, StepInputs
+from plait.engine.cuda_graph import DecodeGraphs, PrefillGraphs, StepInputs, graph_buckets
 from plait.engine.overlap import TokenSplitOverlap, split_inputs
 from plait.engine.sampled_tokens import SampledTokens
 from plait.engine.sampler import to_device
@@ -54,7 +54,8 @@ class ModelRunner:
         self.sampled = SampledTokens(self.device)
         last_stage = ctx.stage == ctx.num_stages - 1
         self.sampler = StepSampler(cfg, ctx, self.device, eos_token_ids, self.model, self.sampled) if last_stage else None
-        self.graphs: DecodeGraphs | None = None
+        self.graphs: DecodeGraphs | None = None  # tensor-parallel decode (under Shift: its TP mode)
+        self.sp_graphs: DecodeGraphs | None = None  # sequence-parallel-mode decode
         self.prefill_graphs: PrefillGraphs | None = None
         for group in self._reducing_groups():
             # Symmetric memory is peer-to-peer inside one machine: a group that spans nodes stays on NCCL.
@@ -173,8 +174,9 @@ class ModelRunner:
         self.sampled.begin(plan)
         if self._sp:
             self.plan.choose_mode(len(inputs.ids))
-        if self._graph_step(plan):
-            logits = self.graphs.run(inputs, self.sampled.fill)  # a decode step: every row is sampled
+        graphs = self.sp_graphs if self._sp and not self.plan.shifted else self.graphs
+        if self._graph_step(plan, graphs):
+            logits = graphs.run(inputs, self.sampled.fill)  # a decode step: every row is sampled
         elif self._prefill_graph_step(plan):
             logits = self.prefill_graphs.run(inputs)  # one whole new prompt: its last row is sampled
         elif self._sp and not self.plan.shifted:
@@ -198,17 +200,13 @@ class ModelRunner:
         return isinstance(self.plan, SequenceParallel)
 
     def _sequence_parallel_forward(self, x: StepInputs) -> torch.Tensor:
-        """Each rank embeds and runs its 1/S of the tokens; attention sees them all through the head exchange.
-        Padding tokens (to a multiple of S) are one-token sequences in the scratch block. -> [T_padded, hidden]."""
-        size, rank = self.plan.size, self.plan.rank
-        pad = -len(x.ids) % size
+        """An eager SP-mode step (SequenceParallel.forward). Padding tokens (to a multiple of S) are one-token
+        sequences in the scratch block. -> [T_padded, hidden]."""
+        pad = -len(x.ids) % self.plan.size
         bs = self.cfg.block_size
         x = StepInputs(x.ids + [0] * pad, x.positions + [0] * pad, x.slots + [self.scratch_block * bs] * pad,
                        x.seq_lens + [1] * pad, x.query_lens + [1] * pad, x.tables + [[self.scratch_block]] * pad)
-        ids, positions, meta = self._prepare(x)
-        local = len(x.ids) // size
-        hidden = self.model(ids[rank * local : (rank + 1) * local], positions, meta)  # [T/S, hidden]
-        return self.plan.sp.all_gather(hidden, [local] * size, dim=0)
+        return self.plan.forward(self.model, *self._prepare(x))
 
     def _split_forward(self, x: StepInputs) -> torch.Tensor:
         """The step in two halves of its tokens, overlapped (plait.engine.overlap). -> [T, hidden]."""
@@ -220,31 +218,39 @@ class ModelRunner:
 
     def _capture_graphs(self, num_blocks: int) -> None:
         """Decode graphs per batch bucket, and prefill graphs per prompt-length bucket, in one memory pool. Under
-        Shift both capture the tensor-parallel mode, which every step of up to shift_threshold tokens runs in (so
-        prefill graphs stop at the threshold); SP-mode steps, and all of pure sequence parallelism, run eager. A
-        pipeline stage captures its decode body only (send/recv stay eager around the replay); its prefills run
-        eager."""
-        max_batch = self.cfg.max_num_seqs
+        sequence parallelism decode graphs capture each mode that decode steps run in: Shift's tensor-parallel mode
+        for batches up to shift_threshold (its prefill graphs stop there too), the SP mode above it (pure SP: at
+        every batch, buckets a multiple of S); SP-mode prefills run eager. A pipeline stage captures its decode
+        body only (send/recv stay eager around the replay); its prefills run eager."""
+        max_batch, bs = self.cfg.max_num_seqs, self.cfg.block_size
         pool = torch.cuda.graph_pool_handle()
-        if self._sp:
-            if self.plan.shift_threshold is None:
+        shift = self.plan.shift_threshold if self._sp else None
+        if self._sp:  # the mode of a replayed graph is the mode it was captured in
+            self.plan.shifted = False
+            buckets = graph_buckets(max_batch, self.plan.size, above=shift or 0)  # none: every batch shifts
+            if buckets:
+                self.sp_graphs = DecodeGraphs(self.model, buckets, self.max_model_len, bs, num_blocks, self.device,
+                                              sequence=self.plan)
+                self.sp_graphs.capture(pool)
+            if shift is None:
                 return
-            max_batch = min(max_batch, self.plan.shift_threshold)
+            max_batch = min(max_batch, shift)
             self.plan.shifted = True
-        bs = self.cfg.block_size
         stage = self.model if self.ctx.num_stages > 1 else None
-        self.graphs = DecodeGraphs(self.model, max_batch, self.max_model_len, bs, num_blocks, self.device, stage)
+        self.graphs = DecodeGraphs(self.model, graph_buckets(max_batch), self.max_model_len, bs, num_blocks,
+                                   self.device, stage)
         self.graphs.capture(pool)
         prefill_tokens = min(self.cfg.max_prefill_graph_tokens, self.max_num_batched_tokens, self.max_model_len,
-                             self.plan.shift_threshold if self._sp else self.max_model_len)
+                             shift or self.max_model_len)
         if stage is None and prefill_tokens >= 16:
             self.prefill_graphs = PrefillGraphs(self.model, prefill_tokens, bs, num_blocks, self.device)
             self.prefill_graphs.capture(pool)
 
-    def _graph_step(self, plan: StepPlan) -> bool:
+    @staticmethod
+    def _graph_step(plan: StepPlan, graphs: DecodeGraphs | None) -> bool:
         return (
-            self.graphs is not None
-            and len(plan.seqs) <= self.graphs.buckets[-1]
+            graphs is not None
+            and len(plan.seqs) <= graphs.buckets[-1]
             and all(len(s.token_ids) == 1 and not s.prompt_logprobs for s in plan.seqs)
         )
 

@@ -21,9 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from plait.comm.communicator import Communicator
 from plait.layers.activation import silu_mul
+from plait.layers.attention import AttentionMetadata
 from plait.layers.heads import HeadExchange
 from plait.layers.linear import ColumnParallelLinear, RowParallelLinear
 from plait.layers.norm import RMSNorm
@@ -74,6 +76,14 @@ class SequenceParallel:
     def choose_mode(self, num_tokens: int) -> None:
         """Every rank sees the same plan, so every rank makes the same choice."""
         self.shifted = self.shift_threshold is not None and num_tokens <= self.shift_threshold
+
+    def forward(self, model: nn.Module, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """An SP-mode step: this rank embeds and runs its contiguous 1/S of the tokens (T, a multiple of S),
+        attention sees them all through the head exchange, and the final hidden states are gathered so the LM head
+        and the sampler see every token. -> [T, hidden]"""
+        local = ids.shape[0] // self.size
+        hidden = model(ids[self.rank * local : (self.rank + 1) * local], positions, meta)  # [T/S, hidden]
+        return self.sp.all_gather(hidden, [local] * self.size, dim=0)
 
     def split(self, n: int) -> tuple[int, int]:
         """Embedding and LM head rows: vocab-parallel over the TP group, the same in both modes."""

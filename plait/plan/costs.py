@@ -137,24 +137,16 @@ class StageTime:
 
 def uses_graph(calib: Calibration, layout: Layout, shape: StepShape, lim: EngineLimits) -> bool:
     """Whether the model runner replays the step from a CUDA graph (GPU, every logits row sampled): a decode step
-    that fits a batch bucket (on a pipeline stage its body, the stage-to-stage transfers eager around it), or one
-    whole new prompt alone in its step that fits a prefill bucket (`max_prefill_graph_tokens`; one stage only).
-    Under sequence parallelism only Shift's TP mode has graphs, captured up to the threshold; SP-mode steps run
-    eager."""
+    that fits a batch bucket (on a pipeline stage its body, the stage-to-stage transfers eager around it; in
+    sequence-parallel mode its SP forward), or one whole new prompt alone in its step that fits a prefill bucket
+    (`max_prefill_graph_tokens`; one stage, tensor-parallel: under Shift its TP mode only, up to the threshold)."""
     if calib.device != "cuda" or lim.enforce_eager or shape.logit_rows != shape.seqs:
         return False
-    if layout.pp > 1 and (shape.phase != "decode" or not lim.pipeline_graphs):
-        return False
+    if layout.pp > 1 or (layout.sp > 1 and not layout.shifted(shape.tokens)):
+        return shape.phase == "decode" and lim.layout_graphs and shape.seqs <= lim.max_num_seqs
     if shape.phase == "prefill":
-        if layout.sp > 1 and layout.shift_threshold is None:
-            return False
         return shape.seqs == 1 and shape.fresh and shape.tokens <= prefill_graph_tokens(lim, layout.shift_threshold)
-    max_num_seqs = lim.max_num_seqs
-    if layout.sp > 1:
-        if not layout.shifted(shape.tokens):
-            return False
-        max_num_seqs = min(max_num_seqs, layout.shift_threshold)
-    return shape.phase == "decode" and shape.seqs <= max_num_seqs
+    return shape.phase == "decode" and shape.seqs <= lim.max_num_seqs
 
 
 def prefill_graph_tokens(lim: EngineLimits, shift_threshold: int | None = None) -> int:

@@ -93,8 +93,9 @@ MULTI_GPU = [
                  marks=pytest.mark.skipif(torch.cuda.device_count() < 4, reason="needs 4 GPUs")),
     dict(pipeline_parallel_size=2),
     dict(data_parallel_size=2),
-    dict(sequence_parallel_size=2),
+    dict(sequence_parallel_size=2),  # decode from SP-mode graphs (a batch of 3 in the bucket of 4)
     dict(sequence_parallel_size=2, shift_parallel=True, shift_threshold=8),  # prefill SP, decode TP
+    dict(sequence_parallel_size=2, shift_parallel=True, shift_threshold=2),  # both graph sets captured, decode in SP's
     pytest.param(dict(sequence_parallel_size=2, tensor_parallel_size=2, shift_parallel=True, shift_threshold=8),
                  marks=pytest.mark.skipif(torch.cuda.device_count() < 4, reason="needs 4 GPUs")),
     dict(tensor_parallel_size=2, all_reduce_backend="nccl"),
