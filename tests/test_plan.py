@@ -402,3 +402,16 @@ def test_validation_report_from_results_json(tmp_path, smollm2):
     assert "In sample (tp1, tp2: the engine terms were fitted to these):\n\n- TTFT: 4/4" in md
     assert "Held out (not used in the fit):\n\n- TTFT: 2/2" in md
     assert "2. PP moves the least" in md and (tmp_path / "comm_report_tpot.png").exists()
+
+
+def test_prefill_floor_is_the_slower_of_compute_and_the_weight_read(llama8b):
+    """A short prompt cannot beat one read of the weights (its FLOPs alone would put its floor below a decode
+    step's); a long one is bound by the matrix rate."""
+    from plait.bench import floors
+
+    bw, rate = 4.27e12, 800e12  # one H200, as measured (benchmarks/results/latency_tp1_bs1.json)
+    weights = floors.decode_floor_s(llama8b, 2, 0, 1, bw)
+    assert floors.prefill_floor_s(llama8b, 2, [128], 1, rate, bw) == weights
+    assert floors.prefill_flops(llama8b, [128]) / rate < weights
+    long = floors.prefill_floor_s(llama8b, 2, [8192], 2, rate, bw)
+    assert long == floors.prefill_flops(llama8b, [8192]) / rate / 2 > weights / 2

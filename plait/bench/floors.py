@@ -3,7 +3,7 @@
 - HBM bandwidth: a large device-to-device copy (bytes read + written per second).
 - bf16 matrix rate: an 8192^3 GEMM.
 Floors follow from them: a decode step reads every weight and the live KV once (bytes / bandwidth); a prefill
-does its FLOPs at the matrix rate.
+does its FLOPs at the matrix rate, and reads every weight once too (a short prompt is bound by that read).
 """
 
 from __future__ import annotations
@@ -55,3 +55,9 @@ def prefill_flops(m: ModelConfig, prompt_lens: list[int]) -> float:
         flops += 2 * layers * n + 2 * m.vocab_size * m.hidden_size
         flops += m.num_layers * 4 * m.num_heads * m.head_dim * n * (n + 1) / 2
     return flops
+
+
+def prefill_floor_s(m: ModelConfig, itemsize: int, prompt_lens: list[int], tp: int, rate: float, bandwidth: float) -> float:
+    """Seconds for a prefill of these prompts split over tp: its FLOPs at the matrix rate or its weights read once,
+    whichever takes longer."""
+    return max(prefill_flops(m, prompt_lens) / rate, linear_params(m) * itemsize / bandwidth) / tp

@@ -163,7 +163,7 @@ def _report(engine, args, cfg, device, ttfts, tpots) -> dict:
         if tp > 1 and _multi_rank(engine):  # TP adds two all-reduces per layer at the measured small-message latency
             all_reduce_s = engine.executor.call("all_reduce_latency")[0]
             decode_floor += 2 * m.num_layers * all_reduce_s
-        prefill_floor = floors.prefill_flops(m, [args.input_len] * args.batch_size) / tp / rate
+        prefill_floor = floors.prefill_floor_s(m, itemsize, [args.input_len] * args.batch_size, tp, rate, bw)
         result["floors"] = {
             "hbm_bandwidth_tb_s": bw / 1e12, "matmul_tflop_s": rate / 1e12,
             "all_reduce_us": all_reduce_s * 1e6 if tp > 1 and _multi_rank(engine) else 0.0,
