@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import sys
 import tempfile
 import time
@@ -196,11 +197,13 @@ def main() -> None:
     parser.add_argument("--gpus", type=_ints, default=[2, 4], help="group sizes to run, comma-separated")
     parser.add_argument("--hidden", type=_ints, default=[4096, 8192])
     parser.add_argument("--tokens", type=_ints, default=[1, 4, 16, 64, 256, 1024, 2048, 4096, 8192, 16384])
-    parser.add_argument("--blocks", type=_ints, default=[4, 8, 16, 32])
+    parser.add_argument("--blocks", type=_ints, default=[4, 8, 16, 32, 64, 128],
+                        help="thread-block counts to time (32, the most the first sweep tried, won every big step)")
     parser.add_argument("--check", action="store_true", help="correctness only; exit 1 on any miss")
     parser.add_argument("--timeout-s", type=float, default=240.0, help="per group size")
     parser.add_argument("--output-json", default=None)
-    parser.add_argument("--table", default=None, help="write the tuning table here (plait/comm/fused_norm_table.json)")
+    parser.add_argument("--table", default=None,
+                        help="update the tuning table here (plait/comm/fused_norm_table.json) with the group sizes run")
     args = parser.parse_args()
     available = torch.cuda.device_count()
     checks, timings = [], []
@@ -221,9 +224,10 @@ def main() -> None:
     if timings:
         write_result({"benchmark": "fused_allreduce_norm", "dtype": "bfloat16", "checks": checks, "timings": timings},
                      args.output_json)
-        if args.table:
-            with open(args.table, "w") as f:
-                json.dump(build_table(timings), f, indent=1)
+        if args.table:  # the group sizes measured here replace theirs; others keep what an earlier run measured
+            table = json.loads(pathlib.Path(args.table).read_text()) if os.path.exists(args.table) else {}
+            table.update(build_table(timings))
+            pathlib.Path(args.table).write_text(json.dumps(table, indent=1))
     if not checks or not all(c["ok"] for c in checks):
         sys.exit(1)
 
