@@ -4,7 +4,8 @@
 # batch 64 (512 in / 64 out: throughput). Most valuable first inside BUDGET (default 560 s): TP=G against PP=G and
 # DP=G (issue 5), then Shift and SP (issue 8), then the 4-GPU hybrids; a run that would not fit is skipped and named.
 # The GPU tests run first (at most 200 s) unless NO_TESTS=1.
-# Usage on the device: OUT=/some/dir [BUDGET=s] [NO_TESTS=1] bash benchmarks/gpu_parallel.sh
+# Usage on the device: OUT=/some/dir [BUDGET=s] [NO_TESTS=1] [DONE="tp2_bs1 pp2_bs64 ..."] bash benchmarks/gpu_parallel.sh
+# (DONE: points an earlier call made, left out of this one)
 # Results: $OUT/latency_<layout>_bs<batch>.json, $OUT/pytest_gpu.log, $OUT/parallel.log
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -22,9 +23,10 @@ if [ -z "${NO_TESTS:-}" ]; then
   tail -n 2 "$OUT/pytest_gpu.log"
 fi
 
-# point LAYOUT BATCH FLAGS...: one bench latency run of LAYOUT at batch 1 or 64
+# point LAYOUT BATCH FLAGS...: one bench latency run of LAYOUT at batch 1 or 64, unless named in DONE
 point() {
   local layout=$1 batch=$2 shape="--batch-size 1 --input-len 128 --output-len 64 --max-num-seqs 8"; shift 2
+  case " ${DONE:-} " in *" ${layout}_bs$batch "*) echo "== ${layout}_bs$batch: done in an earlier call"; return;; esac
   [ "$batch" = 64 ] && shape="--batch-size 64 --input-len 512 --output-len 64 --max-num-seqs 64"
   run "latency_${layout}_bs$batch" 130 $B $shape "$@"
 }

@@ -65,9 +65,12 @@ ENGINE="$MODEL --tokenizer $TOKENIZER $ENGINE --max-num-seqs 128 --max-num-batch
 H=$((G / 2))
 declare -A LAYOUT=([tp$G]="--tp $G")
 if [ "$G" -gt 1 ]; then
-  LAYOUT+=([shift$G]="--sp $G --shift" [dp$G]="--dp $G" [sp$G]="--sp $G" [sp2tp$H]="--sp 2 --tp $H"
-           [tp${H}pp2]="--tp $H --pp 2" [pp$G]="--pp $G")
-  SECTIONS=${*:-tp$G shift$G dp$G sp$G pp$G tp${H}pp2 sp2tp$H}
+  LAYOUT+=([shift$G]="--sp $G --shift" [dp$G]="--dp $G" [sp$G]="--sp $G" [pp$G]="--pp $G")
+  SECTIONS=${*:-tp$G shift$G dp$G sp$G pp$G}
+  if [ "$H" -gt 1 ]; then  # the hybrids (on 2 GPUs they would be pp2 and sp2 again)
+    LAYOUT+=([sp2tp$H]="--sp 2 --tp $H" [tp${H}pp2]="--tp $H --pp 2")
+    SECTIONS=${*:-tp$G shift$G dp$G sp$G pp$G tp${H}pp2 sp2tp$H}
+  fi
 else  # one GPU: the server at TP=1 only (issue 4)
   SECTIONS=${*:-tp1}
 fi
