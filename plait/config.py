@@ -79,6 +79,14 @@ class ModelConfig:
                 f"num_attention_heads ({self.num_heads}) must be a multiple of num_key_value_heads ({self.num_kv_heads})"
             )
 
+    def step_activation_bytes(self, tokens: int, tp: int, itemsize: int) -> int:
+        """Peak bytes of one step's temporaries at `tokens` tokens on one of tp ranks (hidden states and residual,
+        q/k/v and the attention output, the MLP's gate|up and activation), plus 2 GiB for cuBLAS workspaces and the
+        like: what the KV cache leaves free (the model runner sizes it so, the planner predicts it so)."""
+        per_token = (3 * self.hidden_size + 2 * (self.num_heads + 2 * self.num_kv_heads) * self.head_dim // tp
+                     + 3 * self.intermediate_size // tp)
+        return tokens * per_token * itemsize + (2 << 30)
+
 
 @dataclass(frozen=True)
 class ParallelConfig:
@@ -113,9 +121,6 @@ class ParallelConfig:
     @property
     def world_size(self) -> int:
         return self.replica_world_size * self.data_parallel_size
-
-    def stage_of(self, rank: int) -> int:
-        return rank // (self.tensor_parallel_size * self.sequence_parallel_size)
 
 
 @dataclass(frozen=True)

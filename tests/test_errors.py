@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
 
@@ -232,6 +233,16 @@ def test_unknown_llm_argument(folder, llm, expected):
 def test_bad_engine_config(folder, llm, expected, kwargs, match):
     with pytest.raises(ValueError, match=match):
         make_llm(folder, **kwargs)
+    assert_usable(llm, expected)
+
+
+def test_a_failed_start_up_leaves_no_rank_running(folder, llm, expected):
+    """The KV cache is sized after the ranks have started and loaded the model: when it is too small, the error comes
+    after the two ranks' processes are stopped, not left holding their memory until the interpreter exits."""
+    before = set(multiprocessing.active_children())
+    with pytest.raises(ValueError, match="fewer than max_model_len"):
+        make_llm(folder, tensor_parallel_size=2, num_gpu_blocks_override=3, block_size=16)
+    assert not [p for p in multiprocessing.active_children() if p not in before and p.is_alive()]
     assert_usable(llm, expected)
 
 

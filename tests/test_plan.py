@@ -205,11 +205,12 @@ def test_graphs_are_priced_where_the_engine_replays_them(llama8b):
     """The model runner replays one whole new prompt of up to max_prefill_graph_tokens (its largest bucket) from a
     CUDA graph (`ModelRunner._prefill_graph_step`), and on a pipeline stage its decode body; the model prices
     those steps, and only those, without the CPU's eager issue."""
-    from plait.plan.costs import prefill_graph_tokens, uses_graph
+    from plait.engine.cuda_graph import prefill_graph_tokens
+    from plait.plan.costs import uses_graph
 
     calib, lim = h200_defaults(), EngineLimits(8192, 32)
-    assert prefill_graph_tokens(lim) == 512 and prefill_graph_tokens(EngineLimits(300, 32)) == 256
-    assert prefill_graph_tokens(EngineLimits(8192, 32, max_prefill_graph_tokens=8)) == 0
+    assert prefill_graph_tokens(512) == 512 and prefill_graph_tokens(300) == 256 and prefill_graph_tokens(8) == 0
+    assert prefill_graph_tokens(512, 100) == 64 and prefill_graph_tokens(512, 0) == 0  # Shift: TP mode only
     one = StepShape(((0, 128),), 1, "prefill")
     assert uses_graph(calib, Layout(1), one, lim) and uses_graph(calib, Layout(2), one, lim)
     assert not uses_graph(calib, Layout(1), StepShape(((0, 600),), 1, "prefill"), lim)  # past the largest bucket
@@ -218,7 +219,7 @@ def test_graphs_are_priced_where_the_engine_replays_them(llama8b):
     assert not uses_graph(calib, Layout(1, 2), one, lim) and not uses_graph(calib, Layout(1, sp=2), one, lim)
     assert not uses_graph(calib, Layout(1), one, dataclasses.replace(lim, enforce_eager=True))
     shift = Layout(1, sp=2, shift_threshold=256)  # Shift's TP mode has prefill graphs, their buckets up to the threshold
-    assert uses_graph(calib, shift, one, lim) and prefill_graph_tokens(lim, 100) == 64
+    assert uses_graph(calib, shift, one, lim) and not uses_graph(calib, dataclasses.replace(shift, shift_threshold=0), one, lim)
     ninety = StepShape(((0, 90),), 1, "prefill")  # TP mode at threshold 100, but past the largest bucket there
     assert uses_graph(calib, shift, ninety, lim)
     assert not uses_graph(calib, dataclasses.replace(shift, shift_threshold=100), ninety, lim)
@@ -415,3 +416,16 @@ def test_prefill_floor_is_the_slower_of_compute_and_the_weight_read(llama8b):
     assert floors.prefill_flops(llama8b, [128]) / rate < weights
     long = floors.prefill_floor_s(llama8b, 2, [8192], 2, rate, bw)
     assert long == floors.prefill_flops(llama8b, [8192]) / rate / 2 > weights / 2
+
+
+@pytest.mark.parametrize("max_batch,multiple,above", [(256, 1, 0), (64, 2, 0), (64, 3, 0), (64, 2, 8), (60, 8, 40),
+                                                      (60, 8, 60), (8, 2, 8), (5, 4, 0)])
+def test_graph_buckets_hold_every_batch_they_are_for(max_batch, multiple, above):
+    """Decode graphs replay the smallest bucket that holds the batch: every batch in (above, max_batch] has one, each
+    bucket splits evenly over the sequence-parallel ranks, and no bucket is captured that no batch can use."""
+    from plait.engine.cuda_graph import graph_buckets
+
+    buckets = graph_buckets(max_batch, multiple, above)
+    assert all(b % multiple == 0 and b > above for b in buckets)
+    smallest = [next(b for b in buckets if b >= n) for n in range(above + 1, max_batch + 1)]
+    assert set(smallest) == set(buckets)  # each bucket is the smallest for some batch

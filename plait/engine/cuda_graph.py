@@ -34,9 +34,18 @@ class StepInputs:
 
 def graph_buckets(max_batch: int, multiple: int = 1, above: int = 0) -> list[int]:
     """Batch sizes that hold every batch in (above, max_batch], each a multiple of `multiple` (sequence parallelism
-    splits a step's rows evenly over its ranks)."""
-    sizes = [1, 2, 4, 8] + list(range(16, max_batch + 16, 16))
-    return sorted({b for b in (-(-min(s, max_batch) // multiple) * multiple for s in sizes) if b > above})
+    splits a step's rows evenly over its ranks); none when no batch is in that range."""
+    if above >= max_batch:
+        return []
+    sizes = {min(s, max_batch) for s in [1, 2, 4, 8, *range(16, max_batch + 16, 16)]}
+    rounded = {-(-s // multiple) * multiple for s in sizes}
+    return sorted(b for b in rounded if b > above)
+
+
+def graph_output_bytes(max_batch: int, vocab_size: int, multiple: int = 1) -> int:
+    """Memory the decode graphs keep after capture: every bucket's own fp32 logits (1.1 GB for 256 sequences and a
+    128k vocabulary). Under Shift the TP-mode and SP-mode buckets share the range, so this bounds both sets."""
+    return sum(graph_buckets(max_batch, multiple)) * vocab_size * 4
 
 
 def decode_splits(batch: int, kv_heads: int, max_model_len: int, sms: int) -> int:
@@ -52,8 +61,10 @@ class _GraphSet:
     """One graph per bucket, all reading one flat device buffer that a step fills with one copy from a pinned host
     buffer. Subclasses say what a bucket runs (`_forward`) and how a step fills the host buffer (`_fill`)."""
 
-    def __init__(self, model, buckets: list[int], width: int, device):
-        self.model, self.buckets = model, buckets
+    def __init__(self, model, buckets: list[int], width: int, device, block_size: int, scratch_block: int):
+        """width: the flat buffer's length, in rows of the largest bucket `n` (and what else a subclass keeps)."""
+        self.model, self.buckets, self.n = model, buckets, buckets[-1]
+        self.block_size, self.scratch = block_size, scratch_block
         self.buf = torch.zeros(width, dtype=torch.long, device=device)
         self.host = torch.zeros_like(self.buf, device="cpu").pin_memory()
         self.host_np = self.host.numpy()
@@ -66,6 +77,14 @@ class _GraphSet:
 
     def _fill(self, x: StepInputs) -> None:
         raise NotImplementedError
+
+    def _fill_rows(self, x: StepInputs) -> None:
+        """The first rows of the host buffer, `n` wide each: ids, positions and cache slots (the step's, then padding
+        that writes its keys and values to the scratch block: nothing that matters)."""
+        n, k, h = self.n, len(x.ids), self.host_np
+        for row, values, pad in ((0, x.ids, 0), (1, x.positions, 0), (2, x.slots, self.scratch * self.block_size)):
+            h[row * n : row * n + k] = values
+            h[row * n + k : (row + 1) * n] = pad
 
     @torch.inference_mode()
     def capture(self, pool) -> None:
@@ -103,12 +122,12 @@ class DecodeGraphs(_GraphSet):
 
     def __init__(self, model, buckets: list[int], max_model_len: int, block_size: int, scratch_block: int, device,
                  stage: PipelineStage | None = None, sequence: SequenceParallel | None = None):
-        self.block_size, self.scratch, self.stage, self.sequence = block_size, scratch_block, stage, sequence
+        self.stage, self.sequence = stage, sequence
         self.max_blocks = -(-max_model_len // block_size)
-        n = self.n = buckets[-1]
+        n = buckets[-1]
         # [ids | positions | slots | seq_lens | block tables]; padding rows are filled on the host too: no device
         # work before the replay.
-        super().__init__(model, buckets, n * (4 + self.max_blocks), device)
+        super().__init__(model, buckets, n * (4 + self.max_blocks), device, block_size, scratch_block)
         self.host_tables = self.host[4 * n :].view(n, self.max_blocks)
         self.ids, self.positions, self.slots, self.seq_lens = self.buf[: 4 * n].view(4, n)
         self.tables = self.buf[4 * n :].view(n, self.max_blocks)
@@ -142,10 +161,9 @@ class DecodeGraphs(_GraphSet):
     def _fill(self, x: StepInputs) -> None:
         """Write the step (and padding rows that point at the scratch block) into the pinned host buffer."""
         n, k, h = len(x.ids), self.n, self.host_np
-        for row, values, pad in ((0, x.ids, 0), (1, x.positions, 0), (2, x.slots, self.scratch * self.block_size),
-                                 (3, x.seq_lens, 1)):
-            h[row * k : row * k + n] = values
-            h[row * k + n : (row + 1) * k] = pad
+        self._fill_rows(x)
+        h[3 * k : 3 * k + n] = x.seq_lens
+        h[3 * k + n : 4 * k] = 1  # a padding row is a one-token sequence in the scratch block
         tables = h[4 * k :].reshape(k, self.max_blocks)
         for i, t in enumerate(x.tables):
             tables[i, : len(t)] = t
@@ -180,6 +198,14 @@ def prefill_buckets(max_tokens: int) -> list[int]:
     return [b for b in (16, 32, 64, 128, 256, 512, 1024) if b <= max_tokens]
 
 
+def prefill_graph_tokens(max_tokens: int, shift_threshold: int | None = None) -> int:
+    """The longest prompt the prefill graphs hold: the largest bucket within `max_tokens` (0: none are captured).
+    Under Shift they hold its tensor-parallel mode only, so they stop at the threshold (at 0, none)."""
+    if shift_threshold is not None:
+        max_tokens = min(max_tokens, shift_threshold)
+    return max(prefill_buckets(max_tokens), default=0)
+
+
 class PrefillGraphs(_GraphSet):
     """The prefill of one whole new prompt of up to `max_tokens` tokens, padded at its end to a length bucket.
 
@@ -187,10 +213,9 @@ class PrefillGraphs(_GraphSet):
     and values go to the scratch block. Logits come for the prompt's last row only, picked on the device."""
 
     def __init__(self, model, max_tokens: int, block_size: int, scratch_block: int, device):
-        self.block_size, self.scratch = block_size, scratch_block
         buckets = prefill_buckets(max_tokens)
-        n = self.n = buckets[-1]
-        super().__init__(model, buckets, 3 * n + 1, device)  # [ids | positions | slots | last row]
+        n = buckets[-1]
+        super().__init__(model, buckets, 3 * n + 1, device, block_size, scratch_block)  # [ids | positions | slots | last row]
         self.ids, self.positions, self.slots = self.buf[: 3 * n].view(3, n)
         self.last = self.buf[3 * n :]
         self.zero = torch.zeros(1, dtype=torch.long, device=device)
@@ -204,11 +229,8 @@ class PrefillGraphs(_GraphSet):
         return self.model.compute_logits(hidden.index_select(0, self.last))
 
     def _fill(self, x: StepInputs) -> None:
-        n, k, h = len(x.ids), self.n, self.host_np
-        for row, values, pad in ((0, x.ids, 0), (1, x.positions, 0), (2, x.slots, self.scratch * self.block_size)):
-            h[row * k : row * k + n] = values
-            h[row * k + n : (row + 1) * k] = pad
-        h[3 * k] = max(n - 1, 0)
+        self._fill_rows(x)
+        self.host_np[3 * self.n] = max(len(x.ids) - 1, 0)
 
     def run(self, x: StepInputs) -> torch.Tensor:
         """One fresh prompt of T tokens -> the logits of its last token [1, vocab]."""

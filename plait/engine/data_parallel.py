@@ -19,9 +19,13 @@ class DataParallelEngine:
     def __init__(self, cfg: EngineConfig):
         per_replica = cfg.parallel.replica_world_size
         replica_cfg = cfg.replace(data_parallel_size=1)
-        self.replicas = [
-            LLMEngine(replica_cfg, device_offset=d * per_replica, own_process=True) for d in range(cfg.data_parallel_size)
-        ]
+        self.replicas: list[LLMEngine] = []
+        try:
+            for d in range(cfg.data_parallel_size):
+                self.replicas.append(LLMEngine(replica_cfg, device_offset=d * per_replica, own_process=True))
+        except BaseException:  # the replicas already started stop before the error reaches the caller
+            self.shutdown()
+            raise
         first = self.replicas[0]
         self.cfg, self.tokenizer, self.model_config = cfg, first.tokenizer, first.model_config
         self.model_name, self.sched_config = first.model_name, first.sched_config

@@ -79,15 +79,19 @@ class LLMEngine:
             "max_num_batched_tokens": self.sched_config.max_num_batched_tokens,
             "eos_token_ids": eos,
         }, device_offset, own_process)
-        num_blocks = self._size_kv_cache()
-        if par.sequence_parallel_size > 1:
-            print(f"plait: {memory_line(m, Layout.of(cfg), self.itemsize, num_blocks * cfg.block_size)}")
+        try:  # a start-up that fails past this point stops the ranks (and frees their GPU memory) before it raises
+            num_blocks = self._size_kv_cache()
+            if par.sequence_parallel_size > 1:
+                print(f"plait: {memory_line(m, Layout.of(cfg), self.itemsize, num_blocks * cfg.block_size)}")
+            self.outputs = make_outputs(self.tokenizer, cfg.async_output_proc)
+        except BaseException:
+            self.shutdown()
+            raise
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.schedulers = [Scheduler(self.sched_config, self.blocks) for _ in range(par.pipeline_parallel_size)]
         self.scheduler_of: dict[int, Scheduler] = {}  # seq_id -> the scheduler (micro-batch) that owns it
         self.in_flight: deque[tuple[Scheduler, StepPlan]] = deque()
         self.plans_per_scheduler = 2 if cfg.resolved_async_scheduling() else 1
-        self.outputs = make_outputs(self.tokenizer, cfg.async_output_proc)
         self.requests: dict[str, EngineRequest] = {}
         self.seqs: dict[int, Sequence] = {}
         self._ids = itertools.count()

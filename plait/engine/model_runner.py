@@ -10,6 +10,7 @@ from the last step's sampled tokens (plait.engine.sampled_tokens).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import torch
@@ -18,7 +19,8 @@ from plait.comm.communicator import Communicator
 from plait.comm.profiler import CommProfiler
 from plait.config import EngineConfig
 from plait.core import StepPlan
-from plait.engine.cuda_graph import DecodeGraphs, PrefillGraphs, StepInputs, graph_buckets
+from plait.engine.cuda_graph import (DecodeGraphs, PrefillGraphs, StepInputs, graph_buckets, graph_output_bytes,
+                                     prefill_graph_tokens)
 from plait.engine.overlap import TokenSplitOverlap, split_inputs
 from plait.engine.sampled_tokens import SampledTokens
 from plait.engine.sampler import to_device
@@ -139,10 +141,15 @@ class ModelRunner:
         return max(budget // self.kv_bytes_per_block(), 0)
 
     def _activation_bytes(self) -> int:
-        """Peak bytes of one step's temporaries at the full token budget (with slack for graphs and cuBLAS)."""
-        m, tp = self.model_cfg, self.comm.size
-        per_token = 3 * m.hidden_size + 2 * (m.num_heads + 2 * m.num_kv_heads) * m.head_dim // tp + 3 * m.intermediate_size // tp
-        return self.max_num_batched_tokens * per_token * self.dtype.itemsize + (2 << 30)
+        """A step's temporaries at the full token budget, and what the decode graphs will keep."""
+        m = self.model_cfg
+        act = m.step_activation_bytes(self.max_num_batched_tokens, self.comm.size, self.dtype.itemsize)
+        if self._captures_graphs():
+            act += graph_output_bytes(self.cfg.max_num_seqs, m.vocab_size, self.plan.size if self._sp else 1)
+        return act
+
+    def _captures_graphs(self) -> bool:
+        return self.device.type == "cuda" and not self.cfg.enforce_eager and self.profiler is None
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """One block more than the scheduler knows of: the scratch block that CUDA-graph padding rows use."""
@@ -151,7 +158,7 @@ class ModelRunner:
                 2, num_blocks + 1, self.cfg.block_size, attn.num_kv_heads, attn.head_dim, dtype=self.dtype, device=self.device
             )
         self.scratch_block = num_blocks
-        if self.device.type == "cuda" and not self.cfg.enforce_eager and self.profiler is None:
+        if self._captures_graphs():
             self._capture_graphs(num_blocks)
 
     def execute(self, plan: StepPlan) -> PendingResult | None:
@@ -174,12 +181,12 @@ class ModelRunner:
         self.sampled.begin(plan)
         if self._sp:
             self.plan.choose_mode(len(inputs.ids))
-        graphs = self.sp_graphs if self._sp and not self.plan.shifted else self.graphs
+        graphs = self.sp_graphs if self._sp_mode else self.graphs
         if self._graph_step(plan, graphs):
             logits = graphs.run(inputs, self.sampled.fill)  # a decode step: every row is sampled
         elif self._prefill_graph_step(plan):
             logits = self.prefill_graphs.run(inputs)  # one whole new prompt: its last row is sampled
-        elif self._sp and not self.plan.shifted:
+        elif self._sp_mode:
             hidden = self._sequence_parallel_forward(inputs)
             logits = self.model.compute_logits(hidden[rows]) if rows else None
         elif self.overlap is not None and self.overlap.takes(len(inputs.ids)):
@@ -198,6 +205,11 @@ class ModelRunner:
     @property
     def _sp(self) -> bool:
         return isinstance(self.plan, SequenceParallel)
+
+    @property
+    def _sp_mode(self) -> bool:
+        """This step runs sequence-parallel (always under pure SP; above the threshold under Shift)."""
+        return self._sp and not self.plan.shifted
 
     def _sequence_parallel_forward(self, x: StepInputs) -> torch.Tensor:
         """An eager SP-mode step (SequenceParallel.forward). Padding tokens (to a multiple of S) are one-token
@@ -225,26 +237,27 @@ class ModelRunner:
         max_batch, bs = self.cfg.max_num_seqs, self.cfg.block_size
         pool = torch.cuda.graph_pool_handle()
         shift = self.plan.shift_threshold if self._sp else None
-        if self._sp:  # the mode of a replayed graph is the mode it was captured in
-            self.plan.shifted = False
+        if self._sp:  # a replayed graph runs the mode it was captured in
             buckets = graph_buckets(max_batch, self.plan.size, above=shift or 0)  # none: every batch shifts
             if buckets:
                 self.sp_graphs = DecodeGraphs(self.model, buckets, self.max_model_len, bs, num_blocks, self.device,
                                               sequence=self.plan)
-                self.sp_graphs.capture(pool)
-            if shift is None:
+                with self.plan.mode(shifted=False):
+                    self.sp_graphs.capture(pool)
+            if not shift:  # pure SP, or a threshold of 0: no step ever runs tensor-parallel
                 return
             max_batch = min(max_batch, shift)
-            self.plan.shifted = True
         stage = self.model if self.ctx.num_stages > 1 else None
         self.graphs = DecodeGraphs(self.model, graph_buckets(max_batch), self.max_model_len, bs, num_blocks,
                                    self.device, stage)
-        self.graphs.capture(pool)
-        prefill_tokens = min(self.cfg.max_prefill_graph_tokens, self.max_num_batched_tokens, self.max_model_len,
-                             shift or self.max_model_len)
-        if stage is None and prefill_tokens >= 16:
+        prefill_tokens = prefill_graph_tokens(
+            min(self.cfg.max_prefill_graph_tokens, self.max_num_batched_tokens, self.max_model_len), shift)
+        if stage is None and prefill_tokens:
             self.prefill_graphs = PrefillGraphs(self.model, prefill_tokens, bs, num_blocks, self.device)
-            self.prefill_graphs.capture(pool)
+        with self.plan.mode(shifted=True) if self._sp else contextlib.nullcontext():
+            for graphs in (self.graphs, self.prefill_graphs):
+                if graphs is not None:
+                    graphs.capture(pool)
 
     @staticmethod
     def _graph_step(plan: StepPlan, graphs: DecodeGraphs | None) -> bool:

@@ -18,6 +18,7 @@ all-reducing over all S*T ranks; one KV cache serves both modes, nothing moves o
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +77,16 @@ class SequenceParallel:
     def choose_mode(self, num_tokens: int) -> None:
         """Every rank sees the same plan, so every rank makes the same choice."""
         self.shifted = self.shift_threshold is not None and num_tokens <= self.shift_threshold
+
+    @contextlib.contextmanager
+    def mode(self, shifted: bool):
+        """Layers traced inside run in this mode, whatever the step's size: how a CUDA graph of either mode is
+        captured (a replayed graph keeps the mode it was captured in). The mode before is restored after."""
+        saved, self.shifted = self.shifted, shifted
+        try:
+            yield
+        finally:
+            self.shifted = saved
 
     def forward(self, model: nn.Module, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """An SP-mode step: this rank embeds and runs its contiguous 1/S of the tokens (T, a multiple of S),

@@ -120,8 +120,3 @@ def track_collectives(m: ModelConfig, layout: Layout, rank: int, tokens: int, lo
         shard, padded = (logit_rows * rows * LOGITS_ITEMSIZE for rows in (sh.vocab_rows, sh.vocab_rows_max))
         out.append(Collective("all_gather", shard, M, "lm_head", wire_bytes=padded * M))
     return out
-
-
-def replica_collectives(m: ModelConfig, layout: Layout, tokens: int, logit_rows: int, itemsize: int) -> list[list[Collective]]:
-    """rank_collectives for every rank of one replica."""
-    return [rank_collectives(m, layout, r, tokens, logit_rows, itemsize) for r in range(layout.replica)]

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from plait.config import ModelConfig
-from plait.engine.cuda_graph import decode_splits, graph_buckets, prefill_buckets
+from plait.engine.cuda_graph import decode_splits, graph_output_bytes, prefill_graph_tokens
 from plait.plan.calibration import Calibration
 from plait.plan.collectives import Collective, rank_collectives
 from plait.plan.shapes import Layout, RankShard, rank_shard, sequence_shards
@@ -32,7 +32,6 @@ from plait.plan.workload import StepShape
 if TYPE_CHECKING:
     from plait.plan.predict import EngineLimits
 
-ACTIVATION_SLACK_BYTES = 2 << 30  # ModelRunner._activation_bytes: graphs and cuBLAS workspace
 PREFILL_BLOCK = 64  # kernels.attention.paged_prefill's BLOCK_M and BLOCK_N on GPU
 RESIDENT_PER_SM = 2  # decode programs an SM runs at once (decode_splits sizes for about two per SM)
 MAX_CONTEXT = 1 << 20  # decode_splits' cap by max_model_len: above 2048 tokens it never binds
@@ -58,10 +57,10 @@ def paged_prefill_pairs(chunks: tuple[tuple[int, int], ...]) -> int:
 
 def decode_walk_s(calib: Calibration, sh: RankShard, shape: StepShape, graph: bool) -> float:
     """The split-KV decode kernel's floor: programs in waves over the SMs, each walking its split of the longest
-    context. Graphs run the batch's bucket with the engine's split count; eager decode runs one split."""
-    batch = min((b for b in graph_buckets(shape.seqs) if b >= shape.seqs), default=shape.seqs) if graph else shape.seqs
-    splits = decode_splits(batch, sh.kv_heads, MAX_CONTEXT, calib.sm_count) if graph else 1
-    waves = -(-batch * sh.kv_heads * splits // (RESIDENT_PER_SM * calib.sm_count))
+    context. Graphs split the context as the engine does for a batch of this size (it picks the split count for the
+    batch's bucket, whose padding rows end at once); eager decode runs one split."""
+    splits = decode_splits(shape.seqs, sh.kv_heads, MAX_CONTEXT, calib.sm_count) if graph else 1
+    waves = -(-shape.seqs * sh.kv_heads * splits // (RESIDENT_PER_SM * calib.sm_count))
     longest = max(s + n for s, n in shape.chunks)
     return waves * -(-longest // splits) * calib.decode_token_s
 
@@ -145,17 +144,9 @@ def uses_graph(calib: Calibration, layout: Layout, shape: StepShape, lim: Engine
     if layout.pp > 1 or (layout.sp > 1 and not layout.shifted(shape.tokens)):
         return shape.phase == "decode" and lim.layout_graphs and shape.seqs <= lim.max_num_seqs
     if shape.phase == "prefill":
-        return shape.seqs == 1 and shape.fresh and shape.tokens <= prefill_graph_tokens(lim, layout.shift_threshold)
+        most = prefill_graph_tokens(min(lim.max_prefill_graph_tokens, lim.max_num_batched_tokens), layout.shift_threshold)
+        return shape.seqs == 1 and shape.fresh and shape.tokens <= most
     return shape.phase == "decode" and shape.seqs <= lim.max_num_seqs
-
-
-def prefill_graph_tokens(lim: EngineLimits, shift_threshold: int | None = None) -> int:
-    """The longest prompt the engine's prefill graphs hold (its largest bucket; 0 when it captures none). Under
-    Shift they hold its TP mode only, so they stop at the threshold."""
-    most = min(lim.max_prefill_graph_tokens, lim.max_num_batched_tokens)
-    if shift_threshold is not None:
-        most = min(most, shift_threshold)
-    return max(prefill_buckets(most), default=0) if most >= 16 else 0
 
 
 def eager_issue_s(calib: Calibration, layers: int, shape: StepShape, collectives: int) -> float:
@@ -226,14 +217,14 @@ def rank_weights(m: ModelConfig, sh: RankShard, itemsize: int) -> int:
 
 
 def rank_memory(m: ModelConfig, layout: Layout, calib: Calibration, itemsize: int, max_num_batched_tokens: int,
-                gpu_memory_utilization: float = 0.9) -> Memory:
+                gpu_memory_utilization: float = 0.9, graph_batch: int = 0) -> Memory:
     """The rank whose cache holds the fewest tokens: every rank allocates the block count of the smallest. Under
-    sequence parallelism a rank holds its whole TP shard (replicated over SP) and caches its own part's KV heads."""
+    sequence parallelism a rank holds its whole TP shard (replicated over SP) and caches its own part's KV heads.
+    `graph_batch`: the largest decode batch captured in graphs (0: none), whose outputs the graphs keep."""
     worst = None
-    tp = layout.tp
-    # ModelRunner._activation_bytes: a step's temporaries at the full token budget
-    per_token = 3 * m.hidden_size + 2 * (m.num_heads + 2 * m.num_kv_heads) * m.head_dim // tp + 3 * m.intermediate_size // tp
-    act = max_num_batched_tokens * per_token * itemsize + ACTIVATION_SLACK_BYTES
+    act = m.step_activation_bytes(max_num_batched_tokens, layout.tp, itemsize)  # ModelRunner._activation_bytes
+    if graph_batch:
+        act += graph_output_bytes(graph_batch, m.vocab_size, layout.sp)
     for rank in range(layout.replica):
         held, own = sequence_shards(m, layout, rank) if layout.sp > 1 else (rank_shard(m, layout, rank),) * 2
         kv = 2 * own.kv_heads * m.head_dim * itemsize * len(own.layers)

@@ -184,7 +184,9 @@ def predict(m: ModelConfig, layout: Layout, batch: int, input_len: int, output_l
     mb = fixed_batch_steps(per_replica, input_len, output_len, lim.max_num_batched_tokens, lim.max_num_seqs,
                            layout.pp, lim.prompt_logprobs)
     tl = _replay(m, layout, mb, calib, lim, output_len)
-    mem = rank_memory(m, layout, calib, lim.itemsize, lim.max_num_batched_tokens, lim.gpu_memory_utilization)
+    graphs = calib.device == "cuda" and not lim.enforce_eager
+    mem = rank_memory(m, layout, calib, lim.itemsize, lim.max_num_batched_tokens, lim.gpu_memory_utilization,
+                      lim.max_num_seqs if graphs else 0)
     first, last = mb[0][0], mb[0][-1]
     seqs = lim.max_num_seqs * layout.pp  # one scheduler per stage
     return Prediction(
