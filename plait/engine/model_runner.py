@@ -186,15 +186,8 @@ class ModelRunner:
             logits = graphs.run(inputs, self.sampled.fill)  # a decode step: every row is sampled
         elif self._prefill_graph_step(plan):
             logits = self.prefill_graphs.run(inputs)  # one whole new prompt: its last row is sampled
-        elif self._sp_mode:
-            hidden = self._sequence_parallel_forward(inputs)
-            logits = self.model.compute_logits(hidden[rows]) if rows else None
-        elif self.overlap is not None and self.overlap.takes(len(inputs.ids)):
-            hidden = self._split_forward(inputs)
-            logits = self.model.compute_logits(hidden[rows]) if rows else None
         else:
-            ids, positions, meta = self._prepare(inputs)
-            hidden = self.model(ids, positions, meta)  # [T, hidden] on the last stage, None before it
+            hidden = self._forward_eager(inputs)
             if hidden is None:
                 return None
             logits = self.model.compute_logits(hidden[rows]) if rows else None  # [N, vocab] on every last-stage rank
@@ -210,6 +203,15 @@ class ModelRunner:
     def _sp_mode(self) -> bool:
         """This step runs sequence-parallel (always under pure SP; above the threshold under Shift)."""
         return self._sp and not self.plan.shifted
+
+    def _forward_eager(self, x: StepInputs) -> torch.Tensor | None:
+        """A step not replayed from a graph: in SP mode, split in two overlapped halves, or plain. -> [T, hidden]
+        (T padded to a multiple of S in SP mode), or None on a pipeline stage before the last."""
+        if self._sp_mode:
+            return self._sequence_parallel_forward(x)
+        if self.overlap is not None and self.overlap.takes(len(x.ids)):
+            return self._split_forward(x)
+        return self.model(*self._prepare(x))
 
     def _sequence_parallel_forward(self, x: StepInputs) -> torch.Tensor:
         """An eager SP-mode step (SequenceParallel.forward). Padding tokens (to a multiple of S) are one-token
