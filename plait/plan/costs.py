@@ -3,18 +3,21 @@
 A matmul [T, K] @ [K, N] costs the larger of its FLOPs at the matrix rate and its bytes (weight + activations) at
 the weight-streaming rate: decode (small T) reads weights, prefill (large T) computes. Attention follows the kernel
 the model runner picks (`PagedAttention.forward`):
-- all-new prompts: PyTorch's flash kernel, 4 x heads x head_dim FLOPs per causal (query, key) pair;
-- any cached prefix (chunked prefill, decodes mixed with prompts): the paged Triton prefill kernel, which works in
-  tiles of `PREFILL_BLOCK` queries x `PREFILL_BLOCK` keys up to each tile's causal end, so a decode row mixed into
-  the step costs a whole tile of queries over its context; it reaches its own share of the matrix rate;
+- all-new prompts, one or long ones (`StepShape.prompt_by_prompt`): PyTorch's flash kernel per prompt, 4 x heads x
+  head_dim FLOPs per causal (query, key) pair;
+- any cached prefix (chunked prefill, decodes mixed with prompts), or several short new prompts: the paged Triton
+  prefill kernel in one launch, which works in tiles of `PREFILL_BLOCK` queries x `PREFILL_BLOCK` keys up to each
+  tile's causal end, so a decode row mixed into the step costs a whole tile of queries over its context; it
+  reaches its own share of the matrix rate;
 - decode: the split-KV kernel, one program per (sequence, KV head, split); it reads the cache at copy bandwidth,
   but each program walks its split token by token, so with few programs (small batch) the walk is the floor.
 Elementwise kernels stream their activations at copy bandwidth.
 
 Launch cost: replayed from a CUDA graph (decode steps, and a short new prompt alone in its step: `uses_graph`), the
 non-GEMM kernels cost a per-layer constant on the GPU. Eagerly, the CPU issues every kernel, a floor the GPU work
-may hide: per layer, per prompt of an all-new-prompts step (the flash path loops over prompts in Python), and per
-collective (staging, the symmetric-memory op).
+may hide: per layer, per prompt attended by flash (the loop over prompts runs in Python), and per collective
+(staging, the symmetric-memory op). Validation records from engines before the one-launch path (every all-new step
+went prompt by prompt) are priced as this engine would run them.
 Memory follows the model runner's own sizing (`ModelRunner.num_kv_blocks`).
 """
 from __future__ import annotations
@@ -69,7 +72,7 @@ def attention_s(m: ModelConfig, sh: RankShard, shape: StepShape, calib: Calibrat
     """One layer's attention on this rank's heads, priced by the kernel that runs it (module doc)."""
     kv_bytes = 2 * sh.kv_heads * m.head_dim * itemsize * shape.context_tokens
     flops_per_pair = 4.0 * sh.q_heads * m.head_dim
-    if shape.fresh:
+    if shape.prompt_by_prompt:
         rate = calib.matmul_flops * calib.attention_efficiency
         return max(flops_per_pair * shape.attention_pairs / rate, kv_bytes / calib.copy_bytes_s)
     if all(n == 1 for _, n in shape.chunks):  # decode
@@ -150,9 +153,9 @@ def uses_graph(calib: Calibration, layout: Layout, shape: StepShape, lim: Engine
 
 
 def eager_issue_s(calib: Calibration, layers: int, shape: StepShape, collectives: int) -> float:
-    """The CPU's time to issue one eager step's kernels (module doc): per layer, per prompt of an all-new-prompts
-    step, per collective."""
-    per_layer = calib.eager_layer_s + (calib.eager_seq_layer_s * shape.seqs if shape.fresh else 0.0)
+    """The CPU's time to issue one eager step's kernels (module doc): per layer, per prompt attended by flash, per
+    collective."""
+    per_layer = calib.eager_layer_s + (calib.eager_seq_layer_s * shape.seqs if shape.prompt_by_prompt else 0.0)
     return per_layer * layers + calib.eager_collective_s * collectives
 
 

@@ -15,6 +15,7 @@ import statistics
 from dataclasses import dataclass
 
 from plait.comm.profiler import step_phase
+from plait.layers.attention import attends_prompt_by_prompt
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,14 @@ class StepShape:
 
     @property
     def fresh(self) -> bool:
-        """Every sequence is a whole new prompt (no cached prefix): the model runner's flash-attention path."""
+        """Every sequence is a whole new prompt (no cached prefix)."""
         return all(s == 0 for s, _ in self.chunks)
+
+    @property
+    def prompt_by_prompt(self) -> bool:
+        """Whole new prompts that the model runner attends one by one with flash attention (one prompt, or long
+        ones); several short ones go to the paged prefill kernel in one launch (`attends_prompt_by_prompt`)."""
+        return self.fresh and attends_prompt_by_prompt([n for _, n in self.chunks])
 
     @property
     def attention_pairs(self) -> int:
