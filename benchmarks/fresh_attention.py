@@ -23,7 +23,7 @@ import time
 import torch
 
 from plait.kernels.attention import paged_prefill
-from plait.layers.attention import _fresh_prompts_attention
+from plait.layers.attention import _fresh_prompts_attention, prefill_work
 from plait.plan.microbench import time_graph
 
 D, BLOCK = 128, 16
@@ -73,9 +73,10 @@ def measure(prompts: int, length: int, hq: int, hkv: int, varlen) -> dict:
     cu = torch.tensor(starts, device=dev, dtype=torch.int32)
     seq_lens = torch.full((prompts,), length, device=dev)
     scale = D**-0.5
+    work = torch.tensor(prefill_work([length] * prompts, True), device=dev)
     calls = {
         "per_prompt_sdpa": lambda: _fresh_prompts_attention(q, k, v, starts, kv_index, scale),
-        "paged_prefill": lambda: paged_prefill(q, cache[0], cache[1], tables, cu.long(), seq_lens, kv_index, length, scale),
+        "paged_prefill": lambda: paged_prefill(q, cache[0], cache[1], tables, cu.long(), seq_lens, kv_index, work, scale),
     }
     if varlen is not None:
         calls["varlen_attn"] = lambda: varlen(q, k[:, kv_index], v[:, kv_index], cu, length, scale)

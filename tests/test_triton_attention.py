@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from plait.layers.attention import AttentionMetadata, PagedAttention, reference_attention
+from plait.layers.attention import AttentionMetadata, PagedAttention, prefill_work, reference_attention
 from plait.parallel.tensor import HeadShard
 
 import plait.kernels.attention as kernels  # noqa: E402  (triton is a test dependency: never skipped)
@@ -59,8 +59,9 @@ def test_prefill_kernel_matches_reference(heads, kv_heads, kv_index):
     # A fresh prompt, a chunk after a cached prefix, and a decode token, in one batch.
     q_lens, ctx = [19, 6, 1], [19, 40, 9]
     q, cache, meta, attn, ref = make_case(q_lens, ctx, heads, kv_heads, kv_index)
+    work = torch.tensor(prefill_work(q_lens, DEVICE == "cuda") + [-1] * 3, device=DEVICE)  # padding items
     out = kernels.paged_prefill(q, cache[0], cache[1], meta.block_tables, meta.query_start, meta.seq_lens,
-                                attn.kv_index, meta.max_query_len, attn.scale)
+                                attn.kv_index, work, attn.scale)
     torch.testing.assert_close(out.float(), ref, atol=2e-3, rtol=2e-3)
 
 

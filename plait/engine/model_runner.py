@@ -25,7 +25,7 @@ from plait.engine.overlap import TokenSplitOverlap, split_inputs
 from plait.engine.sampled_tokens import SampledTokens
 from plait.engine.sampler import to_device
 from plait.engine.step_sampling import PendingResult, StepSampler
-from plait.layers.attention import AttentionMetadata, attends_prompt_by_prompt
+from plait.layers.attention import AttentionMetadata, attends_prompt_by_prompt, prefill_work
 from plait.models.loader import iter_weights, load_hf_config, resolve_model
 from plait.models.registry import build_model, model_config_from_hf
 from plait.models.weights import init_dummy_weights, load_weights
@@ -329,6 +329,8 @@ class ModelRunner:
         )
         if self.backend == "triton" and x.query_lens == x.seq_lens and attends_prompt_by_prompt(x.query_lens):
             meta.fresh_query_start = [0, *itertools.accumulate(x.query_lens)]
+        elif self.backend == "triton" and not meta.decode:
+            meta.prefill_work = as_tensor(prefill_work(x.query_lens, self.device.type == "cuda"))
         if self.backend == "torch":
             meta.prepare_reference(self.cfg.block_size)
         return meta

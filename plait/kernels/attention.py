@@ -7,7 +7,10 @@ so any mix of prefix-cached, chunked and fresh prompts runs through one path.
 - `paged_decode`: one query token per sequence. A program owns (sequence, KV head, split of the context) and
   handles every query head that reads that KV head as one tile, so each KV byte is read once (GQA-aware), and
   long contexts are split over programs (flash-decoding) then merged by their log-sum-exp.
-- `paged_prefill`: any number of query tokens per sequence, causal against the cached prefix and themselves.
+- `paged_prefill`: any number of query tokens per sequence, causal against the cached prefix and themselves. A
+  program owns (tile of a sequence's queries, query head); the tiles come as a work list built on the host
+  (`prefill_work`), so the launch is sized by the step's tiles, not by its longest sequence times its count, and
+  a CUDA graph can hold a fixed-size list whose padding items do nothing (plait.engine.cuda_graph.MixedGraphs).
 
 Both are checked against the PyTorch reference in `plait.layers.attention` (CPU under TRITON_INTERPRET=1).
 """
@@ -19,6 +22,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from plait.layers.attention import WORK_SEQS, prefill_block_m
 
 
 @triton.jit
@@ -144,13 +149,16 @@ def _precision(q: torch.Tensor) -> str:
 
 @triton.jit
 def _prefill_kernel(
-    Q, K, V, O, BT, QUERY_START, SEQ_LENS, KV_INDEX,
+    Q, K, V, O, BT, QUERY_START, SEQ_LENS, KV_INDEX, WORK,
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt, stride_ot, stride_oh,
     scale,
     BLOCK_SIZE: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, WORK_SEQS: tl.constexpr,
 ):
-    tile, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    item, h = tl.load(WORK + tl.program_id(0)), tl.program_id(1)
+    if item < 0:
+        return
+    tile, b = item // WORK_SEQS, item % WORK_SEQS
     q_start = tl.load(QUERY_START + b)
     q_len = tl.load(QUERY_START + b + 1) - q_start
     if tile * BLOCK_M >= q_len:
@@ -186,21 +194,21 @@ def paged_prefill(
     query_start: torch.Tensor,
     seq_lens: torch.Tensor,
     kv_index: torch.Tensor,
-    max_query_len: int,
+    work: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """q: [T, heads, D] flattened over sequences -> [T, heads, D]; causal over each sequence's cache."""
+    """q: [T, heads, D] flattened over sequences -> [T, heads, D]; causal over each sequence's cache. `work`: the
+    tiles to compute (`prefill_work`, on q's device); rows no item covers (a graph's padding) are left unwritten."""
     T, H, D = q.shape
     block_size = k_cache.shape[1]
     out = torch.empty_like(q)
-    block_m = 64 if q.is_cuda else 16
-    grid = (triton.cdiv(max_query_len, block_m), block_tables.shape[0], H)
-    _prefill_kernel[grid](
-        q, k_cache, v_cache, out, block_tables, query_start, seq_lens, kv_index,
+    _prefill_kernel[(work.numel(), H)](
+        q, k_cache, v_cache, out, block_tables, query_start, seq_lens, kv_index, work,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
         scale,
-        BLOCK_SIZE=block_size, D=D, DP=_padded(D), BLOCK_M=block_m, BLOCK_N=64 if q.is_cuda else 16, PRECISION=_precision(q),
+        BLOCK_SIZE=block_size, D=D, DP=_padded(D), BLOCK_M=prefill_block_m(q.is_cuda), BLOCK_N=64 if q.is_cuda else 16,
+        PRECISION=_precision(q), WORK_SEQS=WORK_SEQS,
         **({"num_warps": 8, "num_stages": 3} if q.is_cuda else {}),
     )
     return out

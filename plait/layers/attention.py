@@ -27,6 +27,7 @@ class AttentionMetadata:
     backend: str = "torch"  # "torch" (reference, any device) | "triton" (GPU kernels, or the Triton interpreter)
     num_splits: int = 1  # context splits of the decode kernel
     fresh_query_start: list[int] | None = None  # host offsets: whole new prompts attended one by one (flash)
+    prefill_work: torch.Tensor | None = None  # the paged prefill kernel's tiles (kernels.attention.prefill_work)
 
     @property
     def decode(self) -> bool:
@@ -108,8 +109,23 @@ class PagedAttention(nn.Module):
             from plait.kernels.attention import paged_prefill
 
             out = paged_prefill(q, k_cache, v_cache, meta.block_tables, meta.query_start, meta.seq_lens,
-                                self.kv_index, meta.max_query_len, self.scale)
+                                self.kv_index, meta.prefill_work, self.scale)
         return out.flatten(1)
+
+
+WORK_SEQS = 1 << 16  # a paged-prefill work item is tile * WORK_SEQS + sequence; padding items are -1
+
+
+def prefill_block_m(cuda: bool) -> int:
+    """Queries per tile of the paged prefill kernel (smaller under the CPU interpreter, slow on big tiles)."""
+    return 64 if cuda else 16
+
+
+def prefill_work(query_lens: list[int], cuda: bool) -> list[int]:
+    """The paged prefill kernel's work list (plait.kernels.attention): one item per tile of each sequence's new
+    queries. Built on the host, so the launch is sized by the step's tiles."""
+    block_m = prefill_block_m(cuda)
+    return [tile * WORK_SEQS + b for b, n in enumerate(query_lens) for tile in range(-(-n // block_m))]
 
 
 ONE_LAUNCH_MAX_PROMPT = 512  # several whole new prompts of at most this many tokens attend in one launch
