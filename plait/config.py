@@ -214,8 +214,9 @@ class EngineConfig:
     skip_all_reduce: bool = _help("Benchmarks only: every tensor-parallel all-reduce returns its input unreduced, "
                                   "so a step costs what it would without communication (wrong outputs).", default=False)
     enforce_eager: bool = _help("Never replay steps from CUDA graphs.", default=False)
-    max_prefill_graph_tokens: int = _help("Longest new prompt whose prefill (alone in its step) replays from a CUDA "
-                                          "graph: short prefills are launch-bound (0: always eager).", default=512)
+    max_prefill_graph_tokens: int = _help("Largest step with new prompt tokens that replays from a CUDA graph: a new "
+                                          "prompt alone in its step, or several sequences mixing prompts, chunks and "
+                                          "decodes; such short steps are launch-bound (0: always eager).", default=512)
     async_scheduling: bool | None = _help("Plan step N+1 while the ranks run step N; sampled tokens feed the next step "
                                           "on the device and reach the host a step later (docs/step_loop.md). "
                                           "Default: on with a GPU and one pipeline stage, else off.", default=None)

@@ -206,7 +206,8 @@ def test_attention_follows_the_kernel_that_runs_it():
 
 def test_graphs_are_priced_where_the_engine_replays_them(llama8b):
     """The model runner replays one whole new prompt of up to max_prefill_graph_tokens (its largest bucket) from a
-    CUDA graph (`ModelRunner._prefill_graph_step`), and on a pipeline stage its decode body; the model prices
+    CUDA graph (`ModelRunner._prefill_graph_step`), several sequences with prompt tokens from a mixed graph (unless
+    they are new prompts flash attends one by one), and on a pipeline stage its decode body; the model prices
     those steps, and only those, without the CPU's eager issue."""
     from plait.engine.cuda_graph import prefill_graph_tokens
     from plait.plan.costs import uses_graph
@@ -217,8 +218,13 @@ def test_graphs_are_priced_where_the_engine_replays_them(llama8b):
     one = StepShape(((0, 128),), 1, "prefill")
     assert uses_graph(calib, Layout(1), one, lim) and uses_graph(calib, Layout(2), one, lim)
     assert not uses_graph(calib, Layout(1), StepShape(((0, 600),), 1, "prefill"), lim)  # past the largest bucket
-    assert not uses_graph(calib, Layout(1), StepShape(((0, 64), (0, 64)), 2, "prefill"), lim)  # two prompts
+    two, mixed = StepShape(((0, 64), (0, 64)), 2, "prefill"), StepShape(((300, 1), (40, 1), (0, 100)), 2, "mixed")
+    assert uses_graph(calib, Layout(1), two, lim) and uses_graph(calib, Layout(2), mixed, lim)  # mixed graphs
+    assert not uses_graph(calib, Layout(1), two, dataclasses.replace(lim, mixed_graphs=False))  # a record from before
+    assert not uses_graph(calib, Layout(1), StepShape(((0, 600), (0, 9)), 2, "prefill"), lim)  # flash, prompt by prompt
+    assert not uses_graph(calib, Layout(1), StepShape(((0, 300), (0, 300)), 2, "prefill"), lim)  # past the largest bucket
     assert not uses_graph(calib, Layout(1), StepShape(((0, 128),), 127, "prefill"), lim)  # prompt logprobs: all rows
+    assert not uses_graph(calib, Layout(1), two, dataclasses.replace(lim, prompt_logprobs=True))
     assert not uses_graph(calib, Layout(1, 2), one, lim) and not uses_graph(calib, Layout(1, sp=2), one, lim)
     assert not uses_graph(calib, Layout(1), one, dataclasses.replace(lim, enforce_eager=True))
     shift = Layout(1, sp=2, shift_threshold=256)  # Shift's TP mode has prefill graphs, their buckets up to the threshold
@@ -237,7 +243,7 @@ def test_graphs_are_priced_where_the_engine_replays_them(llama8b):
     assert uses_graph(calib, shift8, decode, before)  # two rows: Shift's TP mode, graphed before SP graphs existed
     assert not uses_graph(calib, sp, wide, dataclasses.replace(lim, max_num_seqs=16))
     old = EngineLimits.recorded({"max_num_batched_tokens": 2048, "max_num_seqs": 8, "dtype": "bfloat16"})
-    assert (old.max_prefill_graph_tokens, old.layout_graphs) == (0, False)  # a record from before both existed
+    assert (old.max_prefill_graph_tokens, old.layout_graphs, old.mixed_graphs) == (0, False, False)  # from before
     graphed = predict(llama8b, Layout(1), 1, 128, 8, calib, lim)
     eager = predict(llama8b, Layout(1), 1, 128, 8, calib, dataclasses.replace(lim, max_prefill_graph_tokens=0))
     # benchmarks/results/latency_tp1_bs1.json: this prompt's TTFT measured 6.07 ms with prefill graphs on one H200

@@ -10,12 +10,13 @@ capture the same buckets in the same order (they do: the buckets depend only on 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from plait.layers.attention import AttentionMetadata
+from plait.layers.attention import AttentionMetadata, attends_prompt_by_prompt, prefill_block_m, prefill_work
 from plait.parallel.pipeline import PipelineStage
 from plait.parallel.sequence import SequenceParallel
 
@@ -43,9 +44,10 @@ def graph_buckets(max_batch: int, multiple: int = 1, above: int = 0) -> list[int
 
 
 def graph_output_bytes(max_batch: int, vocab_size: int, multiple: int = 1) -> int:
-    """Memory the decode graphs keep after capture: every bucket's own fp32 logits (1.1 GB for 256 sequences and a
-    128k vocabulary). Under Shift the TP-mode and SP-mode buckets share the range, so this bounds both sets."""
-    return sum(graph_buckets(max_batch, multiple)) * vocab_size * 4
+    """Memory the graphs keep after capture: every decode bucket's own fp32 logits (1.1 GB for 256 sequences and a
+    128k vocabulary; under Shift the TP-mode and SP-mode buckets share the range, so this bounds both sets), and the
+    mixed graphs' one buffer of as many rows."""
+    return (sum(graph_buckets(max_batch, multiple)) + max_batch) * vocab_size * 4
 
 
 def decode_splits(batch: int, kv_heads: int, max_model_len: int, sms: int) -> int:
@@ -238,3 +240,104 @@ class PrefillGraphs(_GraphSet):
         b = self.bucket_for(len(x.ids))
         self.graphs[b].replay()
         return self.outputs[b]
+
+
+def mixed_buckets(max_tokens: int, shift_threshold: int | None = None) -> list[int]:
+    """Token buckets of the mixed graphs, within `max_tokens`; under Shift, TP mode's only (up to the threshold)."""
+    if shift_threshold is not None:
+        max_tokens = min(max_tokens, shift_threshold)
+    return [b for b in (32, 64, 128, 256, 512, 1024, 2048) if b <= max_tokens]
+
+
+def takes_mixed(query_lens: list[int], seq_lens: list[int]) -> bool:
+    """Whether a step of several sequences suits a mixed graph, whose attention is the paged prefill kernel: any
+    step but one of new prompts that flash attends prompt by prompt because one is long (the paged kernel falls
+    behind flash there: plait.layers.attention.attends_prompt_by_prompt)."""
+    fresh = query_lens == seq_lens
+    return len(query_lens) > 1 and not (fresh and attends_prompt_by_prompt(query_lens))
+
+
+class MixedGraphs(_GraphSet):
+    """Steps of several sequences with new tokens (new prompts, chunks of them, decodes mixed in) per token bucket.
+
+    Attention is the paged prefill kernel over a work list of fixed length whose padding items do nothing. A bucket
+    of T tokens holds up to min(T, max_seqs) sequences: padding tokens (after the step's) write their keys and
+    values to the scratch block and no work item reads them; padding sequences own no tokens. Logits come for the
+    rows the sampler needs (each sampling sequence's last token), copied into one buffer that every bucket shares,
+    so no bucket keeps logits of its own."""
+
+    def __init__(self, model, buckets: list[int], max_seqs: int, max_model_len: int, block_size: int,
+                 scratch_block: int, device):
+        self.max_seqs, self.max_blocks = max_seqs, -(-max_model_len // block_size)
+        self.block_m = prefill_block_m(True)
+        n = buckets[-1]
+        s, w = self.seqs_for(n), self.work_for(n)
+        sizes = {"ids": n, "positions": n, "slots": n, "query_start": s + 1, "seq_lens": s, "rows": s, "work": w,
+                 "tables": s * self.max_blocks}  # ids, positions, slots first: _fill_rows writes them
+        super().__init__(model, buckets, sum(sizes.values()), device, block_size, scratch_block)
+        starts = dict(zip(sizes, itertools.accumulate([0, *sizes.values()])))
+        self.dev = {k: self.buf[starts[k] : starts[k] + v] for k, v in sizes.items()}
+        self.hosted = {k: self.host_np[starts[k] : starts[k] + v] for k, v in sizes.items()}
+        self.tables_at, self.width, self.rows = starts["tables"], 1, []
+        self.logits: torch.Tensor | None = None
+
+    def seqs_for(self, tokens: int) -> int:
+        return min(tokens, self.max_seqs)
+
+    def work_for(self, tokens: int) -> int:
+        """Work items a bucket holds: each sequence's tiles are at most its tokens / BLOCK_M, plus one."""
+        return tokens // self.block_m + self.seqs_for(tokens)
+
+    def bucket_of(self, num_tokens: int, num_seqs: int) -> int | None:
+        return next((b for b in self.buckets if b >= num_tokens and self.seqs_for(b) >= num_seqs), None)
+
+    def _tables(self, array):
+        return array.view(-1, self.max_blocks) if isinstance(array, torch.Tensor) else array.reshape(-1, self.max_blocks)
+
+    def _forward(self, b: int) -> torch.Tensor:
+        s, d = self.seqs_for(b), self.dev
+        meta = AttentionMetadata(
+            slot_mapping=d["slots"][:b], query_start=d["query_start"][: s + 1], seq_lens=d["seq_lens"][:s],
+            block_tables=self._tables(d["tables"])[:s], max_query_len=b, max_seq_len=self.max_blocks * self.block_size,
+            backend="triton", prefill_work=d["work"][: self.work_for(b)],
+        )
+        hidden = self.model(d["ids"][:b], d["positions"][:b], meta)
+        logits = self.model.compute_logits(hidden.index_select(0, d["rows"][:s]))
+        if self.logits is None:  # the first warm-up (largest bucket, not captured): the buffer every bucket fills
+            self.logits = torch.empty_like(logits)
+        self.logits[:s].copy_(logits)
+        return self.logits[:s]
+
+    def _fill(self, x: StepInputs) -> None:
+        h, k = self.hosted, len(x.query_lens)
+        self._fill_rows(x)
+        h["query_start"][: k + 1] = [0, *itertools.accumulate(x.query_lens)]
+        h["query_start"][k + 1 :] = len(x.ids)  # padding sequences: no tokens
+        h["seq_lens"][:k] = x.seq_lens
+        h["seq_lens"][k:] = 0
+        h["rows"][: len(self.rows)] = self.rows
+        h["rows"][len(self.rows) :] = 0
+        work = prefill_work(x.query_lens, True)
+        h["work"][: len(work)] = work
+        h["work"][len(work) :] = -1
+        tables = self._tables(h["tables"])
+        for i, t in enumerate(x.tables):
+            tables[i, : len(t)] = t
+        tables[k:, 0] = self.scratch
+        self.width = max((len(t) for t in x.tables), default=1)
+
+    def _copy(self) -> None:  # only the used columns of the tables travel
+        a = self.tables_at
+        self.buf[:a].copy_(self.host[:a], non_blocking=True)
+        dev, host = self._tables(self.dev["tables"]), self._tables(self.host[a:])
+        dev[:, : self.width].copy_(host[:, : self.width], non_blocking=True)
+
+    def run(self, x: StepInputs, rows: list[int], fill: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """A step's flattened tokens -> the logits of hidden rows `rows` [len(rows), vocab]. `fill(ids)` writes last
+        step's sampled tokens over placeholders on the device, as for a decode graph."""
+        self.rows = rows
+        self._load(x)
+        fill(self.dev["ids"][: len(x.ids)])
+        b = self.bucket_of(len(x.ids), len(x.query_lens))
+        self.graphs[b].replay()
+        return self.outputs[b][: len(rows)]

@@ -19,8 +19,8 @@ from plait.comm.communicator import Communicator
 from plait.comm.profiler import CommProfiler
 from plait.config import EngineConfig
 from plait.core import StepPlan
-from plait.engine.cuda_graph import (DecodeGraphs, PrefillGraphs, StepInputs, graph_buckets, graph_output_bytes,
-                                     prefill_graph_tokens)
+from plait.engine.cuda_graph import (DecodeGraphs, MixedGraphs, PrefillGraphs, StepInputs, graph_buckets,
+                                     graph_output_bytes, mixed_buckets, prefill_graph_tokens, takes_mixed)
 from plait.engine.overlap import TokenSplitOverlap, split_inputs
 from plait.engine.sampled_tokens import SampledTokens
 from plait.engine.sampler import to_device
@@ -58,7 +58,8 @@ class ModelRunner:
         self.sampler = StepSampler(cfg, ctx, self.device, eos_token_ids, self.model, self.sampled) if last_stage else None
         self.graphs: DecodeGraphs | None = None  # tensor-parallel decode (under Shift: its TP mode)
         self.sp_graphs: DecodeGraphs | None = None  # sequence-parallel-mode decode
-        self.prefill_graphs: PrefillGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None  # one new prompt alone in its step
+        self.mixed_graphs: MixedGraphs | None = None  # several sequences with new tokens (prompts, chunks, decodes)
         for group in self._reducing_groups():
             # Symmetric memory is peer-to-peer inside one machine: a group that spans nodes stays on NCCL.
             if (self.device.type == "cuda" and group.size > 1 and cfg.all_reduce_backend != "nccl"
@@ -186,6 +187,8 @@ class ModelRunner:
             logits = graphs.run(inputs, self.sampled.fill)  # a decode step: every row is sampled
         elif self._prefill_graph_step(plan):
             logits = self.prefill_graphs.run(inputs)  # one whole new prompt: its last row is sampled
+        elif self._mixed_graph_step(plan, inputs):
+            logits = self.mixed_graphs.run(inputs, rows, self.sampled.fill)
         else:
             hidden = self._forward_eager(inputs)
             if hidden is None:
@@ -231,11 +234,12 @@ class ModelRunner:
         return self.overlap.forward(self.model, halves)
 
     def _capture_graphs(self, num_blocks: int) -> None:
-        """Decode graphs per batch bucket, and prefill graphs per prompt-length bucket, in one memory pool. Under
-        sequence parallelism decode graphs capture each mode that decode steps run in: Shift's tensor-parallel mode
-        for batches up to shift_threshold (its prefill graphs stop there too), the SP mode above it (pure SP: at
-        every batch, buckets a multiple of S); SP-mode prefills run eager. A pipeline stage captures its decode
-        body only (send/recv stay eager around the replay); its prefills run eager."""
+        """Decode graphs per batch bucket, prefill graphs per prompt-length bucket and mixed graphs per token bucket
+        (plait.engine.cuda_graph), in one memory pool. Under sequence parallelism decode graphs capture each mode
+        that decode steps run in: Shift's tensor-parallel mode for batches up to shift_threshold (its prefill and
+        mixed graphs stop there too), the SP mode above it (pure SP: at every batch, buckets a multiple of S);
+        SP-mode prefills run eager. A pipeline stage captures its decode body only (send/recv stay eager around the
+        replay); its other steps run eager."""
         max_batch, bs = self.cfg.max_num_seqs, self.cfg.block_size
         pool = torch.cuda.graph_pool_handle()
         shift = self.plan.shift_threshold if self._sp else None
@@ -254,10 +258,14 @@ class ModelRunner:
                                    self.device, stage)
         prefill_tokens = prefill_graph_tokens(
             min(self.cfg.max_prefill_graph_tokens, self.max_num_batched_tokens, self.max_model_len), shift)
+        mixed = mixed_buckets(min(self.cfg.max_prefill_graph_tokens, self.max_num_batched_tokens), shift)
         if stage is None and prefill_tokens:
             self.prefill_graphs = PrefillGraphs(self.model, prefill_tokens, bs, num_blocks, self.device)
+        if stage is None and mixed:
+            self.mixed_graphs = MixedGraphs(self.model, mixed, self.cfg.max_num_seqs, self.max_model_len, bs,
+                                            num_blocks, self.device)
         with self.plan.mode(shifted=True) if self._sp else contextlib.nullcontext():
-            for graphs in (self.graphs, self.prefill_graphs):
+            for graphs in (self.graphs, self.prefill_graphs, self.mixed_graphs):
                 if graphs is not None:
                     graphs.capture(pool)
 
@@ -276,6 +284,14 @@ class ModelRunner:
             return False
         s, n = plan.seqs[0], len(plan.seqs[0].token_ids)
         return (s.start == 0 and s.sample and not s.prompt_logprobs and n <= self.prefill_graphs.buckets[-1]
+                and not (self.overlap is not None and self.overlap.takes(n)))
+
+    def _mixed_graph_step(self, plan: StepPlan, x: StepInputs) -> bool:
+        """Several sequences in tensor-parallel mode that fit a mixed bucket, with no prompt logprobs, not split in
+        halves by the token-split overlap, and not new prompts that flash attends one by one (`takes_mixed`)."""
+        graphs, n = self.mixed_graphs, len(x.ids)
+        return (graphs is not None and not self._sp_mode and graphs.bucket_of(n, len(plan.seqs)) is not None
+                and not any(s.prompt_logprobs for s in plan.seqs) and takes_mixed(x.query_lens, x.seq_lens)
                 and not (self.overlap is not None and self.overlap.takes(n)))
 
     def _update_mirrors(self, plan: StepPlan) -> None:

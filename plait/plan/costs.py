@@ -13,7 +13,7 @@ the model runner picks (`PagedAttention.forward`):
   but each program walks its split token by token, so with few programs (small batch) the walk is the floor.
 Elementwise kernels stream their activations at copy bandwidth.
 
-Launch cost: replayed from a CUDA graph (decode steps, and a short new prompt alone in its step: `uses_graph`), the
+Launch cost: replayed from a CUDA graph (decode steps, and short steps with prompt tokens: `uses_graph`), the
 non-GEMM kernels cost a per-layer constant on the GPU. Eagerly, the CPU issues every kernel, a floor the GPU work
 may hide: per layer, per prompt attended by flash (the loop over prompts runs in Python), and per collective
 (staging, the symmetric-memory op). Validation records from engines before the one-launch path (every all-new step
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from plait.config import ModelConfig
-from plait.engine.cuda_graph import decode_splits, graph_output_bytes, prefill_graph_tokens
+from plait.engine.cuda_graph import decode_splits, graph_output_bytes, mixed_buckets, prefill_graph_tokens
 from plait.plan.calibration import Calibration
 from plait.plan.collectives import Collective, rank_collectives
 from plait.plan.shapes import Layout, RankShard, rank_shard, sequence_shards
@@ -138,18 +138,22 @@ class StageTime:
 
 
 def uses_graph(calib: Calibration, layout: Layout, shape: StepShape, lim: EngineLimits) -> bool:
-    """Whether the model runner replays the step from a CUDA graph (GPU, every logits row sampled): a decode step
-    that fits a batch bucket (on a pipeline stage its body, the stage-to-stage transfers eager around it; in
-    sequence-parallel mode its SP forward), or one whole new prompt alone in its step that fits a prefill bucket
-    (`max_prefill_graph_tokens`; one stage, tensor-parallel: under Shift its TP mode only, up to the threshold)."""
-    if calib.device != "cuda" or lim.enforce_eager or shape.logit_rows != shape.seqs:
+    """Whether the model runner replays the step from a CUDA graph (GPU, no prompt logprobs): a decode step that fits
+    a batch bucket (on a pipeline stage its body, the stage-to-stage transfers eager around it; in sequence-parallel
+    mode its SP forward); on one stage in tensor-parallel mode (under Shift, steps up to the threshold), one whole
+    new prompt alone in its step that fits a prefill bucket, or several sequences that fit a mixed bucket unless
+    they are new prompts flash attends one by one (`max_prefill_graph_tokens` bounds both)."""
+    if calib.device != "cuda" or lim.enforce_eager or lim.prompt_logprobs:
         return False
     if layout.pp > 1 or (layout.sp > 1 and not layout.shifted(shape.tokens)):
         return shape.phase == "decode" and lim.layout_graphs and shape.seqs <= lim.max_num_seqs
-    if shape.phase == "prefill":
-        most = prefill_graph_tokens(min(lim.max_prefill_graph_tokens, lim.max_num_batched_tokens), layout.shift_threshold)
-        return shape.seqs == 1 and shape.fresh and shape.tokens <= most
-    return shape.phase == "decode" and shape.seqs <= lim.max_num_seqs
+    if shape.phase == "decode":
+        return shape.seqs <= lim.max_num_seqs
+    most = min(lim.max_prefill_graph_tokens, lim.max_num_batched_tokens)
+    if shape.seqs == 1:
+        return shape.fresh and shape.logit_rows == 1 and shape.tokens <= prefill_graph_tokens(most, layout.shift_threshold)
+    mixed = max(mixed_buckets(most, layout.shift_threshold), default=0)
+    return lim.mixed_graphs and shape.tokens <= mixed and not shape.prompt_by_prompt
 
 
 def eager_issue_s(calib: Calibration, layers: int, shape: StepShape, collectives: int) -> float:

@@ -27,9 +27,9 @@ from plait.plan.workload import StepShape, fixed_batch_steps
 
 @dataclass(frozen=True)
 class EngineLimits:
-    """The engine settings that shape the steps (EngineConfig fields of the same names, but `layout_graphs`, which
-    says whether the engine had decode graphs for pipeline stages and sequence-parallel mode: records made before
-    they existed did not)."""
+    """The engine settings that shape the steps (EngineConfig fields of the same names, but `itemsize`, and
+    `layout_graphs` and `mixed_graphs`, which say whether the engine had decode graphs for pipeline stages and
+    sequence-parallel mode, and graphs for mixed steps: records made before they existed did not)."""
 
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 64
@@ -40,16 +40,18 @@ class EngineLimits:
     prompt_logprobs: bool = False
     max_prefill_graph_tokens: int = 512
     layout_graphs: bool = True  # decode steps of a pipeline stage and in SP mode replay from graphs
+    mixed_graphs: bool = True  # steps of several sequences with prompt tokens replay from graphs
 
     @classmethod
     def recorded(cls, eng: dict) -> "EngineLimits":
         """The limits of an engine recorded as `dataclasses.asdict(EngineConfig)` (benchmarks/comm_validate.py). A
         record without max_prefill_graph_tokens comes from an engine before prefill graphs and pipeline decode graphs
-        existed: it ran those steps eagerly. The validation grid holds no SP layout, so the same mark stands for
-        SP-mode decode graphs too."""
+        existed: it ran those steps eagerly. No record was made between that engine and the one with SP-mode decode
+        graphs and mixed graphs, so the same mark stands for them."""
         new = "max_prefill_graph_tokens" in eng
         return cls(eng["max_num_batched_tokens"], eng["max_num_seqs"], 4 if eng["dtype"] == "float32" else 2,
-                   max_prefill_graph_tokens=eng["max_prefill_graph_tokens"] if new else 0, layout_graphs=new)
+                   max_prefill_graph_tokens=eng["max_prefill_graph_tokens"] if new else 0, layout_graphs=new,
+                   mixed_graphs=new)
 
 
 @dataclass

@@ -155,6 +155,30 @@ def test_prefill_graphs_match_eager_prefill(checkpoint, kw):
 
 
 @needs_cuda
+def test_mixed_steps_replay_like_eager(checkpoint):
+    """Steps mixing new prompts, chunks of a long one and decodes (4 sequences at most, 64 tokens a step) replay
+    from the mixed graphs (token buckets, the paged prefill kernel over a padded work list): the same tokens and
+    logprobs as the same engine run eagerly."""
+    params = SamplingParams(temperature=0, max_tokens=12, logprobs=5, ignore_eos=True)
+    prompts = [list(range(3, 3 + n)) for n in (5, 40, 17, 90, 3, 64, 33, 8)]
+    runs, replays = [], []
+    for eager in (False, True):
+        llm = LLM(checkpoint[0], dtype="float32", device="cuda", max_model_len=512, kv_cache_memory_bytes=1 << 30,
+                  max_num_seqs=4, max_num_batched_tokens=64, enforce_eager=eager)
+        try:
+            graphs = llm.engine.executor.runner.mixed_graphs  # in this process at TP=1
+            assert (graphs is None) == eager
+            if graphs is not None:
+                run = graphs.run
+                graphs.run = lambda *a: replays.append(1) or run(*a)  # counts the replays, runs them unchanged
+            runs.append(llm.generate(prompts, params, use_tqdm=False))
+        finally:
+            llm.shutdown()
+    assert len(replays) >= 5
+    assert_runs_match(runs[1], runs[0])
+
+
+@needs_cuda
 def test_prefix_caching_matches_no_caching(checkpoint):
     """Prompts sharing a long prefix: with the cache, later prompts run the Triton paged prefill over cached blocks
     (no prefill graph, no flash path for fresh prompts); the same generations as computing every prompt."""
