@@ -438,3 +438,20 @@ def test_graph_buckets_hold_every_batch_they_are_for(max_batch, multiple, above)
     assert all(b % multiple == 0 and b > above for b in buckets)
     smallest = [next(b for b in buckets if b >= n) for n in range(above + 1, max_batch + 1)]
     assert set(smallest) == set(buckets)  # each bucket is the smallest for some batch
+
+
+def test_the_planner_graphs_the_steps_the_runner_replays():
+    """For steps of several sequences, `uses_graph` and the model runner's choice (`takes_mixed` within the largest
+    mixed bucket) agree: new prompts attended one by one (one of them long) run eager, anything else replays."""
+    from plait.engine.cuda_graph import mixed_buckets, takes_mixed
+    from plait.plan.costs import uses_graph
+
+    calib, lim = h200_defaults(), EngineLimits(8192, 256)
+    most = max(mixed_buckets(min(lim.max_prefill_graph_tokens, lim.max_num_batched_tokens)))
+    steps = [((0, 64), (0, 64)), ((0, 600), (0, 9)), ((100, 1), (0, 200)), ((0, 300), (0, 300)), ((0, 512), (0, 1)),
+             ((20, 44), (7, 1), (9, 1)), tuple((50, 1) for _ in range(200))]
+    for chunks in steps:
+        shape = StepShape(chunks, len(chunks), "decode" if all(n == 1 for _, n in chunks) else "mixed")
+        query, seq = [n for _, n in chunks], [s + n for s, n in chunks]
+        runner = shape.phase == "decode" or (takes_mixed(query, seq) and shape.tokens <= most)
+        assert uses_graph(calib, Layout(1), shape, lim) == runner, chunks
