@@ -224,7 +224,9 @@ def test_graphs_are_priced_where_the_engine_replays_them(llama8b):
     assert not uses_graph(calib, Layout(1), StepShape(((0, 600), (0, 9)), 2, "prefill"), lim)  # flash, prompt by prompt
     assert not uses_graph(calib, Layout(1), StepShape(((0, 300), (0, 300)), 2, "prefill"), lim)  # past the largest bucket
     assert not uses_graph(calib, Layout(1), StepShape(((0, 128),), 127, "prefill"), lim)  # prompt logprobs: all rows
-    assert not uses_graph(calib, Layout(1), two, dataclasses.replace(lim, prompt_logprobs=True))
+    logprobs = dataclasses.replace(lim, prompt_logprobs=True)
+    assert not uses_graph(calib, Layout(1), two, logprobs)
+    assert uses_graph(calib, Layout(1), StepShape(((300, 1), (40, 1)), 2, "decode"), logprobs)  # decode rows never ask
     assert not uses_graph(calib, Layout(1, 2), one, lim) and not uses_graph(calib, Layout(1, sp=2), one, lim)
     assert not uses_graph(calib, Layout(1), one, dataclasses.replace(lim, enforce_eager=True))
     shift = Layout(1, sp=2, shift_threshold=256)  # Shift's TP mode has prefill graphs, their buckets up to the threshold

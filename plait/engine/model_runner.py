@@ -221,9 +221,10 @@ class ModelRunner:
         sequences in the scratch block. -> [T_padded, hidden]."""
         pad = -len(x.ids) % self.plan.size
         bs = self.cfg.block_size
+        own = len(x.query_lens)
         x = StepInputs(x.ids + [0] * pad, x.positions + [0] * pad, x.slots + [self.scratch_block * bs] * pad,
                        x.seq_lens + [1] * pad, x.query_lens + [1] * pad, x.tables + [[self.scratch_block]] * pad)
-        return self.plan.forward(self.model, *self._prepare(x))
+        return self.plan.forward(self.model, *self._ids_positions(x), self._metadata(x, own))
 
     def _split_forward(self, x: StepInputs) -> torch.Tensor:
         """The step in two halves of its tokens, overlapped (plait.engine.overlap). -> [T, hidden]."""
@@ -331,7 +332,8 @@ class ModelRunner:
         """The flat token ids (last step's sampled tokens written over placeholders) and their positions."""
         return self.sampled.fill(self._as_tensor(x.ids)), self._as_tensor(x.positions)
 
-    def _metadata(self, x: StepInputs) -> AttentionMetadata:
+    def _metadata(self, x: StepInputs, own: int | None = None) -> AttentionMetadata:
+        """`own`: how many of x's sequences are the step's (padding sequences follow them; None: all are)."""
         width = max(len(t) for t in x.tables)
         as_tensor = self._as_tensor
         meta = AttentionMetadata(
@@ -343,7 +345,7 @@ class ModelRunner:
             max_seq_len=max(x.seq_lens),
             backend=self.backend,
         )
-        if self.backend == "triton" and x.query_lens == x.seq_lens and attends_prompt_by_prompt(x.query_lens):
+        if self.backend == "triton" and x.query_lens == x.seq_lens and attends_prompt_by_prompt(x.query_lens[:own]):
             meta.fresh_query_start = [0, *itertools.accumulate(x.query_lens)]
         elif self.backend == "triton" and not meta.decode:
             meta.prefill_work = as_tensor(prefill_work(x.query_lens, self.device.type == "cuda"))

@@ -138,13 +138,13 @@ class StageTime:
 
 
 def uses_graph(calib: Calibration, layout: Layout, shape: StepShape, lim: EngineLimits) -> bool:
-    """Whether the model runner replays the step from a CUDA graph (GPU, no prompt logprobs): a decode step that fits
+    """Whether the model runner replays the step from a CUDA graph (GPU, no prompt logprobs asked): a decode step that fits
     a batch bucket (on a pipeline stage its body, the stage-to-stage transfers eager around it; in sequence-parallel
     mode its SP forward); on one stage in tensor-parallel mode (under Shift, steps up to the threshold), one whole
     new prompt alone in its step that fits a prefill bucket, or several sequences that fit a mixed bucket unless
     they are new prompts flash attends one by one (`max_prefill_graph_tokens` bounds both)."""
-    if calib.device != "cuda" or lim.enforce_eager or lim.prompt_logprobs:
-        return False
+    if calib.device != "cuda" or lim.enforce_eager or (lim.prompt_logprobs and shape.phase != "decode"):
+        return False  # a decode row never asks for prompt logprobs
     if layout.pp > 1 or (layout.sp > 1 and not layout.shifted(shape.tokens)):
         return shape.phase == "decode" and lim.layout_graphs and shape.seqs <= lim.max_num_seqs
     if shape.phase == "decode":
