@@ -84,6 +84,22 @@ def random_prompts(n: int, vocab: int = 256, lo: int = 3, hi: int = 40, seed: in
 
 
 @pytest.fixture(scope="session")
+def llama8b():
+    """Llama-3.1-8B's shape (the preset), for the analytical model's tests."""
+    from plait.plan.shapes import load_model_config
+
+    return load_model_config("llama3-8b")
+
+
+@pytest.fixture(scope="session")
+def smollm2_config():
+    """SmolLM2-135M's shape (the preset; uneven heads at TP=2 and 4), for the analytical model's tests."""
+    from plait.plan.shapes import load_model_config
+
+    return load_model_config("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
 def smollm2_hf():
     """The embedded SmolLM2 GGUF as transformers itself loads (and dequantizes) it: the external reference."""
     import os

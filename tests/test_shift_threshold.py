@@ -21,11 +21,6 @@ from plait.plan.shift import choose_threshold, crossover, mode_step_s, resolve_t
 from plait.plan.workload import Workload
 
 
-@pytest.fixture(scope="module")
-def llama8b():
-    return load_model_config("llama3-8b")
-
-
 def test_crossover_is_the_last_step_size_where_tp_wins():
     assert crossover(lambda n: 3.0 + n, lambda n: 2 * n, 2048) == 3  # SP wins above 3 tokens
     assert crossover(lambda n: 1e9 if n <= 300 else 0.0, lambda n: 1.0, 2048) == 300

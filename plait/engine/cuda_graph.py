@@ -200,11 +200,15 @@ def prefill_buckets(max_tokens: int) -> list[int]:
     return [b for b in (16, 32, 64, 128, 256, 512, 1024) if b <= max_tokens]
 
 
-def prefill_graph_tokens(max_tokens: int, shift_threshold: int | None = None) -> int:
-    """The longest prompt the prefill graphs hold: the largest bucket within `max_tokens` (0: none are captured).
-    Under Shift they hold its tensor-parallel mode only, so they stop at the threshold (at 0, none)."""
-    if shift_threshold is not None:
-        max_tokens = min(max_tokens, shift_threshold)
+def graph_token_cap(max_prefill_graph_tokens: int, max_num_batched_tokens: int, shift_threshold: int | None) -> int:
+    """The most tokens a step with prompt tokens replays from a graph (prefill and mixed graphs): the setting, no
+    more than a step holds, and under Shift its tensor-parallel mode's steps only (at threshold 0, none)."""
+    cap = min(max_prefill_graph_tokens, max_num_batched_tokens)
+    return cap if shift_threshold is None else min(cap, shift_threshold)
+
+
+def prefill_graph_tokens(max_tokens: int) -> int:
+    """The longest prompt the prefill graphs hold: the largest bucket within `max_tokens` (0: none are captured)."""
     return max(prefill_buckets(max_tokens), default=0)
 
 
@@ -242,10 +246,7 @@ class PrefillGraphs(_GraphSet):
         return self.outputs[b]
 
 
-def mixed_buckets(max_tokens: int, shift_threshold: int | None = None) -> list[int]:
-    """Token buckets of the mixed graphs, within `max_tokens`; under Shift, TP mode's only (up to the threshold)."""
-    if shift_threshold is not None:
-        max_tokens = min(max_tokens, shift_threshold)
+def mixed_buckets(max_tokens: int) -> list[int]:
     return [b for b in (32, 64, 128, 256, 512, 1024, 2048) if b <= max_tokens]
 
 
@@ -253,8 +254,7 @@ def takes_mixed(query_lens: list[int], seq_lens: list[int]) -> bool:
     """Whether a step of several sequences suits a mixed graph, whose attention is the paged prefill kernel: any
     step but one of new prompts that flash attends prompt by prompt because one is long (the paged kernel falls
     behind flash there: plait.layers.attention.attends_prompt_by_prompt)."""
-    fresh = query_lens == seq_lens
-    return len(query_lens) > 1 and not (fresh and attends_prompt_by_prompt(query_lens))
+    return len(query_lens) > 1 and not attends_prompt_by_prompt(query_lens, seq_lens)
 
 
 class MixedGraphs(_GraphSet):

@@ -20,7 +20,8 @@ from plait.comm.profiler import CommProfiler
 from plait.config import EngineConfig
 from plait.core import StepPlan
 from plait.engine.cuda_graph import (DecodeGraphs, MixedGraphs, PrefillGraphs, StepInputs, graph_buckets,
-                                     graph_output_bytes, mixed_buckets, prefill_graph_tokens, takes_mixed)
+                                     graph_output_bytes, graph_token_cap, mixed_buckets, prefill_graph_tokens,
+                                     takes_mixed)
 from plait.engine.overlap import TokenSplitOverlap, split_inputs
 from plait.engine.sampled_tokens import SampledTokens
 from plait.engine.sampler import to_device
@@ -257,9 +258,8 @@ class ModelRunner:
         stage = self.model if self.ctx.num_stages > 1 else None
         self.graphs = DecodeGraphs(self.model, graph_buckets(max_batch), self.max_model_len, bs, num_blocks,
                                    self.device, stage)
-        prefill_tokens = prefill_graph_tokens(
-            min(self.cfg.max_prefill_graph_tokens, self.max_num_batched_tokens, self.max_model_len), shift)
-        mixed = mixed_buckets(min(self.cfg.max_prefill_graph_tokens, self.max_num_batched_tokens), shift)
+        cap = graph_token_cap(self.cfg.max_prefill_graph_tokens, self.max_num_batched_tokens, shift)
+        prefill_tokens, mixed = prefill_graph_tokens(min(cap, self.max_model_len)), mixed_buckets(cap)
         if stage is None and prefill_tokens:
             self.prefill_graphs = PrefillGraphs(self.model, prefill_tokens, bs, num_blocks, self.device)
         if stage is None and mixed:
@@ -345,7 +345,7 @@ class ModelRunner:
             max_seq_len=max(x.seq_lens),
             backend=self.backend,
         )
-        if self.backend == "triton" and x.query_lens == x.seq_lens and attends_prompt_by_prompt(x.query_lens[:own]):
+        if self.backend == "triton" and attends_prompt_by_prompt(x.query_lens[:own], x.seq_lens[:own]):
             meta.fresh_query_start = [0, *itertools.accumulate(x.query_lens)]
         elif self.backend == "triton" and not meta.decode:
             meta.prefill_work = as_tensor(prefill_work(x.query_lens, self.device.type == "cuda"))

@@ -131,14 +131,15 @@ def prefill_work(query_lens: list[int], cuda: bool) -> list[int]:
 ONE_LAUNCH_MAX_PROMPT = 512  # several whole new prompts of at most this many tokens attend in one launch
 
 
-def attends_prompt_by_prompt(prompt_lens: list[int]) -> bool:
-    """Whether a step of whole new prompts runs flash attention prompt by prompt (else all prompts in one launch of
-    the paged prefill kernel, which reads the keys the step has just cached). Flash is the faster kernel, but each
-    call costs ~85 us of Python (slices, transposes, launch): for several prompts of up to 512 tokens the one
+def attends_prompt_by_prompt(query_lens: list[int], seq_lens: list[int]) -> bool:
+    """Whether a step's attention runs flash prompt by prompt: its sequences are whole new prompts (no cached
+    prefix), one prompt or some longer than ONE_LAUNCH_MAX_PROMPT. Anything else runs the paged prefill kernel in
+    one launch (several short new prompts: it reads the keys the step has just cached). Flash is the faster
+    kernel, but each call costs ~85 us of Python (slices, transposes, launch): for several prompts of up to 512 tokens the one
     launch wins (Llama-3.1-8B heads on an H200: 32 prompts of 128, 2.85 -> 0.11 ms a layer; 8 of 512, 0.41 ->
     0.24 ms), while on longer prompts the paged kernel falls behind flash (2 of 2048: 0.34 -> 0.71 ms;
     benchmarks/results/fresh_attention_h200x1.json)."""
-    return len(prompt_lens) == 1 or max(prompt_lens) > ONE_LAUNCH_MAX_PROMPT
+    return query_lens == seq_lens and (len(query_lens) == 1 or max(query_lens) > ONE_LAUNCH_MAX_PROMPT)
 
 
 def _fresh_prompts_attention(q, k, v, starts: list[int], kv_index: torch.Tensor, scale: float) -> torch.Tensor:

@@ -26,7 +26,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from plait.config import ModelConfig
-from plait.engine.cuda_graph import decode_splits, graph_output_bytes, mixed_buckets, prefill_graph_tokens
+from plait.engine.cuda_graph import (decode_splits, graph_output_bytes, graph_token_cap, mixed_buckets,
+                                     prefill_graph_tokens)
+from plait.layers.attention import prefill_block_m
 from plait.plan.calibration import Calibration
 from plait.plan.collectives import Collective, rank_collectives
 from plait.plan.shapes import Layout, RankShard, rank_shard, sequence_shards
@@ -35,7 +37,7 @@ from plait.plan.workload import StepShape
 if TYPE_CHECKING:
     from plait.plan.predict import EngineLimits
 
-PREFILL_BLOCK = 64  # kernels.attention.paged_prefill's BLOCK_M and BLOCK_N on GPU
+PREFILL_BLOCK = prefill_block_m(True)  # the paged prefill kernel's query tile on GPU (its key tile is as wide)
 RESIDENT_PER_SM = 2  # decode programs an SM runs at once (decode_splits sizes for about two per SM)
 MAX_CONTEXT = 1 << 20  # decode_splits' cap by max_model_len: above 2048 tokens it never binds
 
@@ -149,11 +151,10 @@ def uses_graph(calib: Calibration, layout: Layout, shape: StepShape, lim: Engine
         return shape.phase == "decode" and lim.layout_graphs and shape.seqs <= lim.max_num_seqs
     if shape.phase == "decode":
         return shape.seqs <= lim.max_num_seqs
-    most = min(lim.max_prefill_graph_tokens, lim.max_num_batched_tokens)
+    cap = graph_token_cap(lim.max_prefill_graph_tokens, lim.max_num_batched_tokens, layout.shift_threshold)
     if shape.seqs == 1:
-        return shape.fresh and shape.logit_rows == 1 and shape.tokens <= prefill_graph_tokens(most, layout.shift_threshold)
-    mixed = max(mixed_buckets(most, layout.shift_threshold), default=0)
-    return lim.mixed_graphs and shape.tokens <= mixed and not shape.prompt_by_prompt
+        return shape.fresh and shape.logit_rows == 1 and shape.tokens <= prefill_graph_tokens(cap)
+    return lim.mixed_graphs and shape.tokens <= max(mixed_buckets(cap), default=0) and not shape.prompt_by_prompt
 
 
 def eager_issue_s(calib: Calibration, layers: int, shape: StepShape, collectives: int) -> float:

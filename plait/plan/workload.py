@@ -51,7 +51,7 @@ class StepShape:
     def prompt_by_prompt(self) -> bool:
         """Whole new prompts that the model runner attends one by one with flash attention (one prompt, or long
         ones); several short ones go to the paged prefill kernel in one launch (`attends_prompt_by_prompt`)."""
-        return self.fresh and attends_prompt_by_prompt([n for _, n in self.chunks])
+        return attends_prompt_by_prompt([n for _, n in self.chunks], [s + n for s, n in self.chunks])
 
     @property
     def attention_pairs(self) -> int:
