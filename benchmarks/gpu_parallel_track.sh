@@ -25,6 +25,7 @@ TRAIN_SECONDS=${TRAIN_SECONDS:-120}    # per training run (5 runs share the GPUs
 # schedule (a run cut by the budget is compared at equal steps only).
 ngpu=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 TOKENS=${TOKENS:-$([ "$ngpu" -ge 4 ] && echo 32000000 || echo 14000000)}
+SEED=${SEED:-0}                        # a second study with another seed shows the spread between runs
 VARIANT_SECONDS=${VARIANT_SECONDS:-55}  # per model of the speed sweep, startup included
 mkdir -p "$OUT" "$WORK/runs" "$WORK/speed"
 exec > >(tee -a "$OUT/pt_device.log") 2>&1
@@ -40,7 +41,7 @@ quality() {
     IFS=: read -r name tracks depth <<< "$spec"
     CUDA_VISIBLE_DEVICES=$((i % ngpu)) timeout $((TRAIN_SECONDS + 40)) python3 -m benchmarks.pt_quality.train \
       --corpus "$CORPUS" --out "$WORK/runs" --name "$name" --tracks "$tracks" --block-depth "$depth" \
-      --max-seconds "$TRAIN_SECONDS" --tokens "$TOKENS" > "$WORK/train_$name.log" 2>&1 &
+      --max-seconds "$TRAIN_SECONDS" --tokens "$TOKENS" --seed "$SEED" > "$WORK/train_$name.log" 2>&1 &
     pids+=($!)
     i=$((i + 1))
   done

@@ -166,6 +166,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup-steps", type=int, default=100)
     parser.add_argument("--eval-windows", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0, help="initial weights and batch order (held-out windows stay)")
     parser.add_argument("--max-seconds", type=float, default=float("inf"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16" if torch.cuda.is_available() else "float32")
@@ -174,13 +175,13 @@ def main() -> None:
     model_cfg = PTConfig(**shape, num_tracks=args.tracks, block_depth=args.block_depth or shape["num_layers"],
                          combine=args.combine, max_position_embeddings=max(2048, args.seq_len))
     cfg = TrainConfig(args.tokens, args.batch_size, args.seq_len, args.lr, warmup_steps=args.warmup_steps,
-                      eval_windows=args.eval_windows, max_seconds=args.max_seconds)
+                      eval_windows=args.eval_windows, seed=args.seed, max_seconds=args.max_seconds)
     data, val, manifest = corpus.load(args.corpus)
     out = os.path.join(args.out, args.name)
     os.makedirs(out, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = True
     train(model_cfg, cfg, data, val, out, torch.device(args.device), getattr(torch, args.dtype),
-          info={"name": args.name, "corpus": manifest}, log=lambda msg: print(f"[{args.name}] {msg}", flush=True))
+          info={"name": args.name, "seed": args.seed, "corpus": manifest}, log=lambda msg: print(f"[{args.name}] {msg}", flush=True))
 
 
 if __name__ == "__main__":
