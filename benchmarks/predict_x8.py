@@ -20,7 +20,7 @@ import dataclasses
 from plait.bench.floors import decode_floor_s
 from plait.bench.results import write_result
 from plait.plan.calibration import h200_defaults
-from plait.plan.planner import effective_tp
+from plait.plan.planner import effective_tp, latency_tp
 from plait.plan.predict import EngineLimits, predict
 from plait.plan.shapes import Layout, load_model_config
 from plait.plan.shift import choose_threshold
@@ -92,20 +92,15 @@ def tracks(calib, lim) -> list[dict]:
 
 def te_sweep(calib, lim) -> list[dict]:
     """TP = 1, 2, 4, 8 with the rest as replicas (DP = 8 / TP), each at the most sequences its replicas hold (256 in /
-    128 out, as `plait bench tp-sweep` measures): the throughput t_e. Beside it `plait plan`'s t_e, the degree of one
-    replica with the lowest latency for one request."""
+    128 out, as `plait bench tp-sweep` measures): the throughput t_e. Beside it the degree of one replica with the
+    lowest latency for one request."""
     rows = []
     for model in ("llama3-8b", "qwen2.5-32b", "llama3-70b"):
         m = load_model_config(model)
-        points = []
-        for tp in (1, 2, 4, 8):
-            layout = Layout(tp, dp=GPUS // tp)
-            cap = predict(m, layout, 1, 256, 128, calib, lim).max_batch * layout.dp
-            p = predict(m, layout, max(cap, 1), 256, 128, calib, lim)
-            points.append({"model": model, "tp": tp, "dp": layout.dp, "batch": cap, **_figures(p)})
-        best = max((r for r in points if r["fits"]), key=lambda r: r["throughput_tok_s"], default=None)
-        latency_te, _ = effective_tp(m, GPUS, Workload(256, 128, 1), calib, lim)
-        rows += points + [{"model": model, "t_e_throughput": best["tp"] if best else None, "t_e_latency": latency_te}]
+        te, preds = effective_tp(m, GPUS, Workload(256, 128), calib, lim)
+        rows += [{"model": model, "tp": p.layout.tp, "dp": p.layout.dp, "batch": p.batch, **_figures(p)} for p in preds]
+        rows.append({"model": model, "t_e_throughput": te,
+                     "t_e_latency": latency_tp(m, GPUS, Workload(256, 128, 1), calib, lim)[0]})
     return rows
 
 
@@ -140,7 +135,8 @@ def markdown(r: dict) -> str:
         rows = [x for x in r["te_sweep"] if x["model"] == model]
         tok = {x["tp"]: (f"{x['throughput_tok_s']:.0f}" if x["fits"] else "does not fit") for x in rows if "tp" in x}
         te = rows[-1]
-        out.append(f"| {model} | {tok[1]} | {tok[2]} | {tok[4]} | {tok[8]} | {te['t_e_throughput']} | {te['t_e_latency']} |")
+        cells = " | ".join(tok.get(tp, "does not fit") for tp in (1, 2, 4, 8))
+        out.append(f"| {model} | {cells} | {te['t_e_throughput']} | {te['t_e_latency']} |")
     return "\n".join(out) + "\n"
 
 

@@ -14,7 +14,7 @@ from plait.plan.calibration import Calibration, Curve, curve_key, fit_alpha_beta
 from plait.plan.collectives import rank_collectives
 from plait.plan.costs import rank_memory
 from plait.plan.overheads import Point, fit
-from plait.plan.planner import Slo, effective_tp, layouts, plan
+from plait.plan.planner import Slo, effective_tp, latency_tp, layouts, plan
 from plait.plan.predict import EngineLimits, comm_totals, predict
 from plait.plan.shapes import Layout, load_model_config, rank_shard
 from plait.plan.workload import Workload, workload_from_trace
@@ -183,8 +183,8 @@ def test_planner_enumerates_ranks_and_finds_te(smollm2_config, llama8b):
     ranked = plan(llama8b, 4, w, "latency", Slo(), calib, lim)
     lat = [c.prediction.latency_s for c in ranked if c.ok]
     assert lat == sorted(lat) and ranked[0].prediction.layout.name == "TP4"
-    te, sweep = effective_tp(llama8b, 4, w, calib, lim)
-    assert te == min(sweep, key=lambda p: p.latency_s).layout.tp
+    tp, sweep = latency_tp(llama8b, 4, w, calib, lim)
+    assert tp == min(sweep, key=lambda p: p.latency_s).layout.tp
     thr = plan(llama8b, 4, w, "throughput", Slo(), calib, lim)
     assert thr[0].prediction.throughput == max(c.prediction.throughput for c in thr if c.ok)
     slo = plan(llama8b, 4, w, "slo", Slo(tpot_s=6e-3), calib, lim)
@@ -193,6 +193,18 @@ def test_planner_enumerates_ranks_and_finds_te(smollm2_config, llama8b):
         plan(llama8b, 4, w, "slo", Slo(), calib, lim)
     rate = plan(llama8b, 2, Workload(128, 64, request_rate=5.0), "latency", Slo(), calib, lim)
     assert all(math.ceil(5.0 * c.prediction.latency_s) <= c.prediction.batch + 1 for c in rate if c.ok)
+
+
+def test_te_is_the_tp_degree_of_most_throughput_over_a_fixed_number_of_gpus(smollm2_config, llama8b):
+    """Replicas = GPUs / TP, each as full as it can be: a model that fits one GPU gains nothing from TP at
+    saturation (t_e = 1, though TP lowers one request's latency), a 70B that does not fit one GPU starts at TP2."""
+    calib, lim, w = h200_defaults(), EngineLimits(), Workload(256, 128)
+    for m, want in ((smollm2_config, 1), (llama8b, 1), (load_model_config("llama3-70b"), 2)):
+        te, preds = effective_tp(m, 4, w, calib, lim)
+        assert {p.layout.tp * p.layout.dp for p in preds} == {4} and all(p.fits for p in preds)
+        assert te == want == max(preds, key=lambda p: p.throughput).layout.tp
+    assert [p.layout.name for p in effective_tp(load_model_config("llama3-70b"), 4, w, calib, lim)[1]] == ["TP2xDP2", "TP4"]
+    assert latency_tp(llama8b, 4, Workload(256, 128, batch=1), calib, lim)[0] == 4
 
 
 def test_trace_workloads_and_their_errors(tmp_path):
@@ -226,8 +238,10 @@ def test_plan_cli_says_where_its_figures_come_from(tmp_path, capsys):
                      "--plot", str(tmp_path / "p.png"), "--output-json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "figures: built-in defaults: H200 figures of ../shared/DEVICE.md" in text and "t_e = " in text
+    assert "(most throughput over 2 GPUs, replicas = GPUs / TP)" in text and "lowest request latency" in text
     data = json.loads(out.read_text())
     assert {r["config"] for r in data["ranked"]} == {"TP2", "DP2", "PP2", "SP2", "SHIFT2"}
+    assert [r["config"] for r in data["tp_sweep"]] == ["DP2", "TP2"] and data["t_e"] in (1, 2)
     assert (tmp_path / "p.png").stat().st_size > 0 and "SHIFT2: shift threshold" in text
     assert cli_main(["plan", "llama3-8b", "--gpus", "0"]) == 2
     assert "--gpus must be >= 1" in capsys.readouterr().err

@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from plait.models.loader import resolve_model
 from plait.plan.calibration import Calibration, h200_defaults
-from plait.plan.planner import GOALS, Slo, candidates, effective_tp, plan
+from plait.plan.planner import GOALS, Slo, candidates, effective_tp, latency_tp, plan
 from plait.plan.predict import EngineLimits, predict
 from plait.plan.report import describe_collectives, plot, table, te_lines, to_json
 from plait.plan.shapes import load_model_config
@@ -67,12 +67,13 @@ def main(args: argparse.Namespace) -> int:
     with tqdm(total=len(options), desc="Predicting configurations", leave=False) as bar:
         choices = plan(m, args.gpus, w, goal, slo, calib, lim, bar, name)
     te, sweep = effective_tp(m, args.gpus, w, calib, lim)
+    lat_tp, lat_sweep = latency_tp(m, args.gpus, w, calib, lim)
     concurrency = f"rate {w.request_rate:g} req/s" if w.request_rate else f"batch {w.batch or 1}"
     print(f"plan for {args.model or 'SmolLM2-135M-Instruct'} on {args.gpus} GPUs: in {w.input_len}, out {w.output_len}, "
           f"{concurrency}, goal {goal}, {args.dtype}")
     print(f"figures: {calib.source}" + "".join(f"\n  note: {n}" for n in calib.notes))
     print(table(choices, goal))
-    print(te_lines(te, sweep))
+    print(te_lines(te, sweep, lat_tp, lat_sweep))
     for layout in (c.prediction.layout for c in choices if c.prediction.layout.shift_threshold is not None):
         print(f"{layout.name}: " + choose_threshold(m, name, layout.sp, layout.tp, calib, lim).message(layout))
     best = choices[0].prediction
@@ -94,5 +95,5 @@ def main(args: argparse.Namespace) -> int:
                 "workload": {"input_len": w.input_len, "output_len": w.output_len, "batch": w.batch,
                              "request_rate": w.request_rate}}
         with open(args.output_json, "w") as f:
-            json.dump(to_json(choices, te, sweep, meta), f, indent=1)
+            json.dump(to_json(choices, te, sweep, lat_tp, lat_sweep, meta), f, indent=1)
     return 0

@@ -6,8 +6,10 @@ TTFT and TPOT meet the SLOs). With a request rate, concurrency follows from Litt
 rate x latency, solved per configuration (a configuration that cannot keep up is marked saturated).
 Sequence parallelism (SP, SP x TP, and Shift switching SP <-> TP per step at its modelled threshold) is laid out
 on one stage beside them.
-t_e (Albireo): the tensor-parallel degree with the lowest predicted latency for the workload; past it, more
-GPUs in one TP group cost more in communication and fixed work than they save.
+t_e (Albireo): over a fixed number of GPUs laid out as replicas of TP ranks (replicas = GPUs / TP), the TP degree
+with the most output throughput, each replica as full as its KV cache and max_num_seqs allow; past it, more GPUs in
+one TP group cost more in communication and fixed work than another replica would give. Beside it, the degree of
+one replica with the lowest latency for the workload's own concurrency (where one request's speed is the goal).
 """
 
 from __future__ import annotations
@@ -153,8 +155,26 @@ def plan(m: ModelConfig, gpus: int, w: Workload, goal: str, slo: Slo, calib: Cal
 
 def effective_tp(m: ModelConfig, gpus: int, w: Workload, calib: Calibration,
                  lim: EngineLimits) -> tuple[int | None, list[Prediction]]:
-    """t_e: the TP degree (1 .. gpus, one replica, one stage) with the lowest latency at the workload's batch,
-    among those that fit (None if none does)."""
+    """t_e: the TP degree (a divisor of gpus, replicas = gpus / TP) with the most throughput at saturation, with each
+    degree's prediction (None if no degree fits). What `plait bench tp-sweep` measures."""
+    preds = []
+    for tp in (t for t in range(1, gpus + 1) if gpus % t == 0):
+        layout = Layout(tp, dp=gpus // tp)
+        try:
+            layout.check(m)
+        except ValueError:
+            continue
+        full = predict(m, layout, 1, w.input_len, w.output_len, calib, lim).max_batch * layout.dp
+        if full >= 1:
+            preds.append(predict(m, layout, full, w.input_len, w.output_len, calib, lim))
+    best = max((p for p in preds if p.fits), key=lambda p: p.throughput, default=None)
+    return (best.layout.tp if best else None), preds
+
+
+def latency_tp(m: ModelConfig, gpus: int, w: Workload, calib: Calibration,
+               lim: EngineLimits) -> tuple[int | None, list[Prediction]]:
+    """The TP degree (1 .. gpus, one replica, one stage) with the lowest latency at the workload's batch, among
+    those that fit (None if none does)."""
     preds = []
     for tp in range(1, gpus + 1):
         layout = Layout(tp)

@@ -35,17 +35,26 @@ def table(choices: list[Choice], goal: str) -> str:
     return "\n".join(lines)
 
 
-def te_lines(te: int | None, preds: list[Prediction]) -> str:
+def te_lines(te: int | None, preds: list[Prediction], lat_tp: int | None, lat_preds: list[Prediction]) -> str:
+    """t_e with each degree's throughput per GPU, then the lowest-latency degree of one replica."""
     if te is None:
-        return "t_e: no single tensor-parallel group of these GPUs holds the model"
-    base, base_tp = preds[0].latency_s, preds[0].layout.tp
+        out = "t_e: no tensor-parallel degree of these GPUs holds the model"
+    else:
+        gpus = preds[0].layout.tp * preds[0].layout.dp
+        parts = [f"TP{p.layout.tp}xDP{p.layout.dp} {p.throughput / gpus:.0f} tok/s per GPU at batch {p.batch}"
+                 for p in preds if p.fits]
+        out = f"t_e = {te} (most throughput over {gpus} GPUs, replicas = GPUs / TP): " + "; ".join(parts)
+    if lat_tp is None:
+        return out
+    base, base_tp = lat_preds[0].latency_s, lat_preds[0].layout.tp
     parts = [f"TP{p.layout.tp} {p.latency_s * 1e3:.1f} ms ({base / p.latency_s:.2f}x, "
-             f"{100 * base / p.latency_s * base_tp / p.layout.tp:.0f}% per GPU)" for p in preds]
-    return (f"t_e = {te} (lowest request latency over TP degrees that fit; speedup and per-GPU efficiency "
-            f"vs TP{base_tp}): " + "; ".join(parts))
+             f"{100 * base / p.latency_s * base_tp / p.layout.tp:.0f}% per GPU)" for p in lat_preds]
+    return out + (f"\nlowest request latency at this concurrency: TP{lat_tp} (one replica; speedup and per-GPU "
+                  f"efficiency vs TP{base_tp}): " + "; ".join(parts))
 
 
-def to_json(choices: list[Choice], te: int | None, preds: list[Prediction], meta: dict) -> dict:
+def to_json(choices: list[Choice], te: int | None, preds: list[Prediction], lat_tp: int | None,
+            lat_preds: list[Prediction], meta: dict) -> dict:
     def pred(p: Prediction) -> dict:
         return {
             "config": p.layout.name, "layout": dataclasses.asdict(p.layout), "batch": p.batch, "fits": p.fits,
@@ -59,7 +68,8 @@ def to_json(choices: list[Choice], te: int | None, preds: list[Prediction], meta
         }
 
     return meta | {"ranked": [pred(c.prediction) | {"ok": c.ok, "why": c.why} for c in choices],
-                   "t_e": te, "tp_sweep": [pred(p) for p in preds]}
+                   "t_e": te, "tp_sweep": [pred(p) for p in preds],
+                   "latency_tp": lat_tp, "latency_tp_sweep": [pred(p) for p in lat_preds]}
 
 
 def plot(curves: dict[str, list[Prediction]], path: str, slo_tpot_ms: float | None) -> None:
