@@ -28,7 +28,8 @@ def run(folder: str | None, tp: int, prompts, **kw):
 
 def run_profiled(folder: str, tp: int, prompts, **kw) -> tuple[list, RankTrace]:
     """The outputs, and rank 0's record of every collective it ran (the communication profiler)."""
-    llm = LLM(folder, tensor_parallel_size=tp, dtype="float32", device="cpu", max_model_len=256, profile_comm=True, **kw)
+    llm = LLM(folder, tensor_parallel_size=tp, dtype="float32", device="cpu", max_model_len=256, profile_comm=True,
+              **kw)
     try:
         outs = llm.generate(prompts, PARAMS, use_tqdm=False)
         return outs, collect(llm.engine).ranks[0]
