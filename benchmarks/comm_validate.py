@@ -48,7 +48,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-CONFIGS = {"tp1": (1, 1), "tp2": (2, 1), "tp4": (4, 1), "pp2": (1, 2), "pp4": (1, 4), "tp2pp2": (2, 2)}
+CONFIGS = {"tp1": (1, 1), "tp2": (2, 1), "tp4": (4, 1), "pp2": (1, 2), "pp4": (1, 4), "tp2pp2": (2, 2),
+           "tp8": (8, 1), "pp8": (1, 8), "tp4pp2": (4, 2)}  # the last three on 8 GPUs (benchmarks/gpu_x8.sh)
 MIN_JOB_S = 45.0  # an engine start and a few points: a job given less is not started
 SHUTDOWN_S = 10.0  # a job stops starting points this long before its deadline, to shut its engine down
 

@@ -7,10 +7,11 @@ One process per GPU. For each group size W and hidden size H:
   time:  per token count, every method captured 10 times in one CUDA graph (as decode runs it), microseconds per op:
          NCCL all-reduce + norm, two-shot symmetric-memory all-reduce + norm (the core's path up to 4 MB), and the
          fused op with each thread-block count. The best block count per token count, and whether it beat the best
-         unfused method, go to the tuning table that plait.comm.fused_norm reads (`--table`).
+         unfused method by MIN_KERNEL_GAIN, go to the tuning table that plait.comm.fused_norm reads (`--table`).
 
     python3 benchmarks/fused_norm.py --gpus 2,4 --check
     python3 benchmarks/fused_norm.py --gpus 2,4 --hidden 4096,8192 --output-json r.json --table plait/comm/fused_norm_table.json
+    python3 benchmarks/fused_norm.py --from-json r.json --table plait/comm/fused_norm_table.json   # no GPU
 """
 
 from __future__ import annotations
@@ -177,15 +178,32 @@ def run_world(world: int, args: argparse.Namespace, timeout_s: float) -> dict:
                     p.kill()
 
 
+# The fused op counts as a win for a token bucket only where the kernel alone beats the best unfused method by this
+# much. Kernel timings do not carry over one to one (benchmarks/results/, Llama-3.1-8B shape, TP=4, hidden 4096):
+# at 2048 tokens the kernel measured 1.01x (fused_norm_kernel.json) yet forced-on prefill of 2048 tokens was 0.95x
+# end to end (fused_norm_e2e.json: 34.2 vs 32.5 ms), while at 64 tokens the kernel's 1.11x gave batch-64 decode
+# 1.09x (TPOT 6.50 vs 7.09 ms). 1.10 is just under the smallest kernel gain that held end to end.
+MIN_KERNEL_GAIN = 1.10
+
+
 def build_table(timings: list[dict]) -> dict:
-    """tp{W}_h{H} -> per measured token count: best block count, and whether fused beat the best unfused method."""
+    """tp{W}_h{H} -> per measured token count: best block count, and whether fused beat the best unfused method by
+    at least MIN_KERNEL_GAIN."""
     table: dict = {}
     for row in sorted(timings, key=lambda r: (r["world"], r["hidden"], r["tokens"])):
         entry = table.setdefault(f"tp{row['world']}_h{row['hidden']}", {"tokens": [], "blocks": [], "wins": []})
         entry["tokens"].append(row["tokens"])
         entry["blocks"].append(row["best_blocks"])
-        entry["wins"].append(row["fused_us"] <= row["unfused_us"])
+        entry["wins"].append(row["unfused_us"] / row["fused_us"] >= MIN_KERNEL_GAIN)
     return table
+
+
+def update_table(path: str, timings: list[dict]) -> None:
+    """The group sizes measured in `timings` replace theirs; others keep what an earlier run measured."""
+    table = json.loads(pathlib.Path(path).read_text()) if os.path.exists(path) else {}
+    table.update(build_table(timings))
+    lines = [f" {json.dumps(key)}: {json.dumps(table[key])}" for key in sorted(table)]  # one line per group and size
+    pathlib.Path(path).write_text("{\n" + ",\n".join(lines) + "\n}\n")
 
 
 def _ints(text: str) -> list[int]:
@@ -204,7 +222,14 @@ def main() -> None:
     parser.add_argument("--output-json", default=None)
     parser.add_argument("--table", default=None,
                         help="update the tuning table here (plait/comm/fused_norm_table.json) with the group sizes run")
+    parser.add_argument("--from-json", default=None,
+                        help="no GPU: rebuild --table from the timings of an earlier --output-json")
     args = parser.parse_args()
+    if args.from_json:
+        if not args.table:
+            parser.error("--from-json needs --table")
+        update_table(args.table, json.loads(pathlib.Path(args.from_json).read_text())["timings"])
+        return
     available = torch.cuda.device_count()
     checks, timings = [], []
     for world in args.gpus:
@@ -224,10 +249,8 @@ def main() -> None:
     if timings:
         write_result({"benchmark": "fused_allreduce_norm", "dtype": "bfloat16", "checks": checks, "timings": timings},
                      args.output_json)
-        if args.table:  # the group sizes measured here replace theirs; others keep what an earlier run measured
-            table = json.loads(pathlib.Path(args.table).read_text()) if os.path.exists(args.table) else {}
-            table.update(build_table(timings))
-            pathlib.Path(args.table).write_text(json.dumps(table, indent=1))
+        if args.table:
+            update_table(args.table, timings)
     if not checks or not all(c["ok"] for c in checks):
         sys.exit(1)
 

@@ -6,11 +6,13 @@
 # At most 8 files come back from $OUT: the JSON, the calibration, the log, the report and its 3 plots. A run cut
 # short keeps what it measured: run it again with RESUME=1 for the points still missing.
 # Usage on the device: OUT=/some/dir bash benchmarks/gpu_comm.sh
+# Other configurations (names in benchmarks/comm_validate.py): CONFIGS=tp1,tp8 PROFILE_CONFIGS=tp8 bash ...
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -4
-timeout ${LIMIT:-575} python3 benchmarks/comm_validate.py --out-dir "$OUT" --budget-s ${BUDGET:-530} ${RESUME:+--resume} 2>&1 | tail -30
+timeout ${LIMIT:-575} python3 benchmarks/comm_validate.py --out-dir "$OUT" --budget-s ${BUDGET:-530} ${RESUME:+--resume} \
+  ${CONFIGS:+--configs $CONFIGS} ${PROFILE_CONFIGS:+--profile-configs $PROFILE_CONFIGS} 2>&1 | tail -30
 python3 benchmarks/comm_report.py "$OUT/comm_validation.json" --out "$OUT" 2>&1 | tail -2
 grep -E "within|Right \(within|^[123]\. " "$OUT/comm_report.md"

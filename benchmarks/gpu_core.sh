@@ -29,13 +29,4 @@ if [ "$ngpu" -ge 2 ]; then
 fi
 timeout 150 python3 benchmarks/small_m_gemv.py --output-json "$OUT/small_m_gemv.json" | tail -21
 [ -n "${HF:-}" ] && timeout 240 python3 benchmarks/hf_compare.py --preset llama3-8b --output-json "$OUT/hf_compare_tp1.json" 2>&1 | tail -2
-python3 - "$OUT" <<'PY'
-import json, pathlib, sys
-for f in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
-    r = json.loads(f.read_text())
-    if r["benchmark"] == "latency":
-        fl = r.get("floors", {})
-        print(f"{f.stem:26s} TTFT {r['ttft_ms']['median']:8.2f} ms (floor {fl.get('prefill_ms', 0):7.2f})  TPOT {r['tpot_ms']['median']:7.3f} ms (floor {fl.get('decode_ms', 0):6.3f}, x{fl.get('tpot_over_floor', 0):.2f}) ar {fl.get('all_reduce_us', 0):.1f}us")
-    elif r["benchmark"] == "hf_compare":
-        print(f"{f.stem:26s} HF TPOT {r['tpot_ms']:.2f} ms  prefill {r['prefill_ms']:.1f} ms")
-PY
+python3 benchmarks/latency_table.py "$OUT"

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Issue 9 in one device call on nvidia-h200-x4 (or x2; sections in order inside a 560 s budget; one that would not
-# fit is skipped and named): the GPU tests of the fused all-reduce + norm, the kernel sweep at TP=2 and TP=4 (hidden
-# 4096 and 8192; updates the tuning table for the group sizes run), then Llama-3.1-8B shape (dummy weights, bf16) at TP = all
-# the machine's GPUs: prefill of 8k and 2k tokens and decode at batch 1 and 64 with the fusion off / on / on +
-# token-split overlap / communication removed (--skip-all-reduce).
+# Issue 9 in one device call on nvidia-h200-x4 (or x2, x8; sections in order inside a 560 s budget; one that would
+# not fit is skipped and named): the GPU tests of the fused all-reduce + norm, the kernel sweep at TP=2, 4 and 8 as
+# far as the machine has GPUs (hidden 4096 and 8192; updates the tuning table for the group sizes run), then
+# Llama-3.1-8B shape (dummy weights, bf16) at TP = all the machine's GPUs: prefill of 8k and 2k tokens and decode at
+# batch 1 and 64 with the fusion off / on / on + token-split overlap / communication removed (--skip-all-reduce).
 # Usage on the device: OUT=/some/dir bash benchmarks/gpu_fused_norm.sh
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -25,9 +25,11 @@ run() {
 run tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/gpu/test_fused_norm_gpu.py \
   "tests/gpu/test_gpu.py::test_two_gpu_modes_match_single_rank" -k "tensor_parallel or fused"
 G=$(python3 -c 'import torch; print(torch.cuda.device_count())')
-# The tuning table's entries for the group sizes this machine has are replaced (TP=2 on x2; TP=2 and 4 on x4).
-run kernel 150 python3 benchmarks/fused_norm.py --gpus 2,4 --output-json "$OUT/fused_norm_kernel.json" \
-  --table plait/comm/fused_norm_table.json
+# The tuning table's entries for the group sizes this machine has are replaced (TP=2 on x2; 2 and 4 on x4; 2, 4, 8 on
+# x8), 75 s each.
+WORLDS=$(for w in 2 4 8; do [ "$w" -le "$G" ] && echo $w; done)
+run kernel $((75 * $(echo $WORLDS | wc -w))) python3 benchmarks/fused_norm.py --gpus "$(echo $WORLDS | tr ' ' ,)" \
+  --output-json "$OUT/fused_norm_kernel.json" --table plait/comm/fused_norm_table.json
 cp plait/comm/fused_norm_table.json "$OUT/"
 B="python3 -m plait.cli bench latency llama3-8b --dtype bfloat16 --device cuda --tp $G --num-iters 3"
 PREFILL="--batch-size 1 --output-len 2 --max-num-seqs 1 --max-num-batched-tokens 8192"

@@ -46,11 +46,4 @@ if need 4 "latency_tp2xpp2 (4-GPU hybrids)"; then
   point tp2xpp2 64 --tp 2 --pp 2
   point sp2xtp2 64 --sp 2 --tp 2
 fi
-python3 - "$OUT" "$SKIPPED" <<'PY'
-import json, pathlib, sys
-for f in sorted(pathlib.Path(sys.argv[1]).glob("latency_*.json")):
-    r = json.loads(f.read_text()); fl = r.get("floors", {})
-    print(f"{r['parallel']:8s} bs={r['batch_size']:<3d} TTFT {r['ttft_ms']['median']:8.2f} ms  TPOT {r['tpot_ms']['median']:7.3f} ms"
-          f" (floor {fl.get('decode_ms', 0):6.3f}, x{fl.get('tpot_over_floor', 0):.2f})  {r['output_throughput_tok_s']:8.1f} tok/s")
-print("skipped:", sys.argv[2] or "none")
-PY
+python3 benchmarks/latency_table.py "$OUT" --skipped "$SKIPPED"

@@ -4,8 +4,9 @@
 #   quality: dense and PT (T=4, D = 1, 2, 4, 8) trained at equal parameters and tokens on the byte-level Python
 #            corpus, in parallel over the GPUs; held-out loss table and plot; every checkpoint served by plait
 #            (on 1 GPU, and the D=4 one with a track per GPU).
-#   speed:   the PT GPU tests, then Llama-3.1-8B shape, dummy weights, bf16, 4 GPUs: dense TP=4 against
-#            pt-llama3-8b-t4-dD (a track per GPU), D = 4 first, then 1, 2, 8 (on 2 GPUs: TP=2 against T=2).
+#   speed:   the PT GPU tests, then Llama-3.1-8B shape, dummy weights, bf16, T GPUs: dense TP=T against
+#            pt-llama3-8b-tT-dD (a track per GPU), D = 4 first, then 1, 2, 8 (T = 2, 4 or 8 as the GPUs allow;
+#            TRACKS=T picks fewer).
 # Build the corpus here first and carry it:  .venv/bin/python -m benchmarks.pt_quality.corpus --out .ptq/corpus.npz
 # Usage on the device (carry .ptq):  OUT=/some/dir bash benchmarks/gpu_parallel_track.sh [all|quality|speed]
 # A run cut by its budget says so in the results (steps done, figures missing); run the phases as two calls with
@@ -56,9 +57,9 @@ quality() {
 speed() {
   timeout 90 python3 -m pytest -q -m gpu tests/gpu/test_parallel_track_gpu.py -p no:cacheprovider --tb=short \
     > "$OUT/pytest_pt_gpu.log" 2>&1; tail -n 2 "$OUT/pytest_pt_gpu.log"
-  # dense first (every ratio needs it), then D=4 (the targets), then the rest of the sweep; T = the machine's GPUs
-  # (4 on x4; on x2, 2 tracks against dense TP=2)
-  t=$([ "$ngpu" -ge 4 ] && echo 4 || echo "$ngpu")
+  # dense first (every ratio needs it), then D=4 (the targets), then the rest of the sweep; T = TRACKS, by default
+  # the most of 2, 4, 8 that the machine's GPUs hold (8 on x8, 4 on x4, 2 on x2), against dense TP=T
+  t=${TRACKS:-$(for w in 2 4 8; do [ "$w" -le "$ngpu" ] && echo $w; done | tail -n 1)}
   for spec in dense:llama3-8b pt-d4:pt-llama3-8b-t$t-d4 pt-d1:pt-llama3-8b-t$t-d1 pt-d2:pt-llama3-8b-t$t-d2 pt-d8:pt-llama3-8b-t$t-d8; do
     IFS=: read -r label model <<< "$spec"
     timeout "$VARIANT_SECONDS" python3 benchmarks/pt_speed.py run "$model" --tp "$t" --label "$label" --num-prompts 32 \

@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
-# Issues 4, 5 and 8 in one device call on nvidia-h200-x4 (G = 4 GPUs; on fewer, G = the GPUs there, and on one GPU
-# only the tp1 layout runs): `plait serve` (Llama-3.1-8B shape, dummy weights, bf16) in
-# each parallel layout of 4 GPUs, loaded by `plait bench serve` on loopback with the same workloads:
-#   low512, low4096  one request at a time (3 each), 512 / 4096 tokens in, 256 out: TTFT, TPOT, completion time
+# Issues 4, 5, 8 and 12 in one device call on nvidia-h200-x4 or x8 (G = the GPUs there; on one GPU only the tp1
+# layout runs): `plait serve` (MODEL, default llama3-8b: Llama-3.1-8B shape; dummy weights, bf16) in each parallel
+# layout of G GPUs, loaded by `plait bench serve` on loopback with the same workloads:
+#   low512 .. low16384  one request at a time (3 each), 512 / 4096 / 16384 tokens in, 256 out: TTFT, TPOT, completion
 #   sat              saturation: 256 requests, 128 in flight, 512 in / 128 out: throughput
 #   trace            benchmarks/serving_trace.jsonl replayed by timestamp (Poisson + bursts, long-tailed inputs)
 #   rate             TP=G only (issue 4): 200 random requests at 20/s, at most 32 in flight, goodput, plots
 #   prefix           TP=G only: 128 requests sharing a 2048-token prefix (+128 own, 64 out), 16 in flight: what
 #                    prefix caching serves (the server's /metrics hit counters show it)
-# Layouts in order of value: tp4 shift4 (SP4 <-> TP4) dp4 sp4 pp4 tp2pp2 sp2tp2, each one server start (~30-60 s)
+# Layouts in order of value (G=4): tp4 shift4 (SP4 <-> TP4) dp4 sp4 pp4 tp2pp2 sp2tp2, each one server start (~30-60 s)
 # and its workloads (~50 s, tp4 ~65 s). Inside the 560 s budget a layout starts only with 75 s left (plus 15 for the
 # report), a workload only with half its 60 s limit left; what does not fit is skipped and named in the result, so a
 # second call can run it, e.g.: bash benchmarks/gpu_serving.sh tp2pp2 sp2tp2
+# The qwen2.5-32b pass is a call of its own (prepare .tok/qwen2.5-32b as below):
+#   MODEL=qwen2.5-32b OUT=$OUT/qwen2.5-32b bash benchmarks/gpu_serving.sh
 #
 # Prepare here, once (neither is committed: /.whl/ and /.tok/ are ignored; about 3 MB each):
 #   xargs -a <(grep -v '^#' benchmarks/serving_wheels.txt) python3 -m pip download --no-deps --only-binary=:all: \
 #     --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
 #     --platform manylinux2014_x86_64 -d .whl          # the server's packages that the device's image lacks
-#   .venv/bin/python benchmarks/serving_tokenizer.py llama3-8b .tok/llama3-8b    # a preset has no tokenizer
+#   .venv/bin/python benchmarks/serving_tokenizer.py llama3-8b .tok/llama3-8b    # a preset has no tokenizer (and
+#   the same for qwen2.5-32b)
 # Device: run(kind="nvidia-h200-x4", carry=[".whl", ".tok"], timeout_s=600, command="bash benchmarks/gpu_serving.sh")
 # ENGINE_FLAGS="--async-scheduling ..." adds engine flags to every server.
 # Results: $OUT/serving.json (every run by layout and workload, issue 8's targets met or missed, what was skipped or
@@ -37,16 +40,16 @@ SKIPPED="" FAILED=""
 
 if [ -n "${DRY_RUN:-}" ]; then  # the same sections on CPU: plumbing only
   G=2 MODEL=smollm2-135m ENGINE="--device cpu --dtype float32 --max-model-len 512"
-  LOW_IN="32 128" LOW_N=2 LOW_OUT=8 SAT="--num-prompts 8 --max-concurrency 4 --random-input-len 32 --random-output-len 8"
+  LOW_IN="32 128 384" LOW_N=2 LOW_OUT=8 SAT="--num-prompts 8 --max-concurrency 4 --random-input-len 32 --random-output-len 8"
   RATE="--num-prompts 8 --request-rate 4 --max-concurrency 4 --random-input-len 32 --random-output-len 8"
   PREFIX="--num-prompts 8 --max-concurrency 4 --random-prefix-len 64 --random-input-len 16 --random-output-len 8"
   TRACE=$RUNS/trace.jsonl START_S=180 MIN_S=40 RUN_S=90
   $PY benchmarks/serving_trace.py "$TRACE" --duration 2 --rate 2 --bursts 1 --burst-size 3 --input-median 24 \
     --input-max 128 --output-median 6 --output-max 8
 else
-  G=${G:-$($PY -c 'import torch; print(min(4, torch.cuda.device_count()))')}
-  MODEL=llama3-8b ENGINE="--device cuda --dtype bfloat16 --max-model-len 8192"
-  LOW_IN="512 4096" LOW_N=3 LOW_OUT=256
+  G=${G:-$($PY -c 'import torch; print(torch.cuda.device_count())')}
+  MODEL=${MODEL:-llama3-8b} ENGINE="--device cuda --dtype bfloat16 --max-model-len 17408"  # 16k in + 256 out fit
+  LOW_IN="512 4096 16384" LOW_N=3 LOW_OUT=256
   SAT="--num-prompts 256 --max-concurrency 128 --random-input-len 512 --random-output-len 128"
   RATE="--num-prompts 200 --request-rate 20 --max-concurrency 32 --random-input-len 512 --random-output-len 128"
   PREFIX="--num-prompts 128 --max-concurrency 16 --random-prefix-len 2048 --random-input-len 128 --random-output-len 64"
@@ -134,4 +137,4 @@ for section in $SECTIONS; do
   fi
   serve "$section"
 done
-$PY benchmarks/serving_report.py "$RUNS" "$OUT" --ranks $G --skipped "$SKIPPED" --failed "$FAILED"
+$PY benchmarks/serving_report.py "$RUNS" "$OUT" --ranks $G --model $MODEL --skipped "$SKIPPED" --failed "$FAILED"

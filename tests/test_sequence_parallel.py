@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from conftest import random_prompts
 from plait import LLM, SamplingParams
+from plait.comm.profiler import RankTrace
+from plait.comm.trace import collect
 from test_tensor_parallel import PARAMS, assert_same, run
 
 
@@ -42,31 +45,48 @@ def test_sequence_times_tensor_parallel_matches_single_rank(checkpoints, family,
     assert_same(run(folder, 2, prompts, sequence_parallel_size=2, **kw), run(folder, 1, prompts))
 
 
+def step_modes(trace: RankTrace) -> str:
+    """Per step, the mode it ran in as its collectives show: S (sequence parallel: heads exchanged by all-to-all,
+    final hidden states gathered) or T (tensor parallel over both ranks: all-reduces only)."""
+    ops: dict[int, set[str]] = {s.step: set() for s in trace.steps}
+    for r in trace.records:
+        ops[r.step].add(r.op)
+    modes = {frozenset({"all_to_all", "all_gather"}): "S", frozenset({"all_reduce"}): "T"}
+    return "".join(modes[frozenset(ops[s.step])] for s in trace.steps)
+
+
 def test_shift_with_requests_arriving_and_finishing_matches_solo_runs(checkpoints):
-    """Steps switch SP <-> TP as prefills come and go; every output equals that request run alone."""
+    """Steps switch SP -> TP and back as prefills come and go (the profiler's records show both switches); every
+    output equals that request run alone, tokens and logprobs."""
     folder, _ = checkpoints["llama"]
     prompts = random_prompts(12, lo=2, hi=40, seed=9)
-    lengths = [3 + i % 7 for i in range(len(prompts))]
+    params = [SamplingParams(temperature=0, max_tokens=3 + i % 7, logprobs=1, ignore_eos=True) for i in range(12)]
     llm = LLM(folder, sequence_parallel_size=2, shift_parallel=True, shift_threshold=8, dtype="float32",
-              device="cpu", max_model_len=128, max_num_batched_tokens=32)
+              device="cpu", max_model_len=128, max_num_batched_tokens=32, profile_comm=True)
     engine, outs = llm.engine, {}
     try:
-        pending = list(enumerate(prompts))
+        pending, step = list(enumerate(prompts)), 0
         while pending or engine.has_unfinished_requests():
-            for _ in range(2):  # two arrivals per step while any are left
+            for _ in range(2 if step % 4 == 0 else 0):  # two arrivals every fourth step: decodes run in between
                 if pending:
                     i, p = pending.pop(0)
-                    engine.add_request(p, SamplingParams(temperature=0, max_tokens=lengths[i], ignore_eos=True), str(i))
+                    engine.add_request(p, params[i], str(i))
+            step += 1
             for out in engine.step():
                 if out.finished:
-                    outs[int(out.request_id)] = out.outputs[0].token_ids
+                    outs[int(out.request_id)] = out.outputs[0]
+        modes = step_modes(collect(engine).ranks[0])
     finally:
         llm.shutdown()
+    assert "ST" in modes and "TS" in modes, modes
     solo = LLM(folder, dtype="float32", device="cpu", max_model_len=128)
     try:
         for i, p in enumerate(prompts):
-            ref = solo.generate([p], SamplingParams(temperature=0, max_tokens=lengths[i], ignore_eos=True), use_tqdm=False)
-            assert outs[i] == ref[0].outputs[0].token_ids, f"request {i}"
+            ref = solo.generate([p], params[i], use_tqdm=False)[0].outputs[0]
+            assert outs[i].token_ids == ref.token_ids, f"request {i}"
+            torch.testing.assert_close(torch.tensor([lp[t].logprob for lp, t in zip(outs[i].logprobs, ref.token_ids)]),
+                                       torch.tensor([lp[t].logprob for lp, t in zip(ref.logprobs, ref.token_ids)]),
+                                       atol=1e-4, rtol=0, msg=f"request {i}")
     finally:
         solo.shutdown()
 

@@ -84,20 +84,22 @@ def single_rank_fp32(checkpoint):
     return _fp32_run(checkpoint[0])
 
 
+FOUR_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 4, reason="needs 4 GPUs")
 MULTI_GPU = [
     dict(tensor_parallel_size=2),  # auto: the fused all-reduce + norm where its table says it wins
     dict(tensor_parallel_size=2, fused_allreduce_norm="off"),
     dict(tensor_parallel_size=2, fused_allreduce_norm="on"),
     dict(tensor_parallel_size=2, token_split_overlap=True, overlap_min_tokens=16),  # prefills split in two, overlapped
-    pytest.param(dict(tensor_parallel_size=4, fused_allreduce_norm="on"),
-                 marks=pytest.mark.skipif(torch.cuda.device_count() < 4, reason="needs 4 GPUs")),
+    pytest.param(dict(tensor_parallel_size=4, fused_allreduce_norm="on"), marks=FOUR_GPUS),
     dict(pipeline_parallel_size=2),
     dict(data_parallel_size=2),
     dict(sequence_parallel_size=2),  # decode from SP-mode graphs (a batch of 3 in the bucket of 4)
     dict(sequence_parallel_size=2, shift_parallel=True, shift_threshold=8),  # prefill SP, decode TP
     dict(sequence_parallel_size=2, shift_parallel=True, shift_threshold=2),  # both graph sets captured, decode in SP's
+    pytest.param(dict(sequence_parallel_size=4), marks=FOUR_GPUS),  # 9 heads as 3+2+2+2, KV heads replicated
+    pytest.param(dict(sequence_parallel_size=2, tensor_parallel_size=2), marks=FOUR_GPUS),  # every step SP x TP
     pytest.param(dict(sequence_parallel_size=2, tensor_parallel_size=2, shift_parallel=True, shift_threshold=8),
-                 marks=pytest.mark.skipif(torch.cuda.device_count() < 4, reason="needs 4 GPUs")),
+                 marks=FOUR_GPUS),
     dict(tensor_parallel_size=2, all_reduce_backend="nccl"),
     dict(tensor_parallel_size=2, async_scheduling=True, async_output_proc=True, sampling_parallel=True),
 ]
@@ -125,7 +127,8 @@ def test_async_step_loop_matches_sync(checkpoint, single_rank_fp32, kw):
 @pytest.mark.parametrize("kw", MULTI_GPU, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
 def test_two_gpu_modes_match_single_rank(checkpoint, single_rank_fp32, kw):
     """TP (symmetric-memory and NCCL all-reduce, fused into the norm or not, in CUDA graphs), PP, DP, SP and Shift
-    over 2 GPUs (and TP=4 with the fused op, SP=2 x TP=2 with Shift, where 4 exist), fp32, against one GPU."""
+    over 2 GPUs (and TP=4 with the fused op, SP=4, SP=2 x TP=2 with and without Shift, where 4 exist), fp32, against
+    one GPU."""
     assert_runs_match(single_rank_fp32, _fp32_run(checkpoint[0], **kw))
 
 
