@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -318,6 +319,22 @@ def _rank_pids(pid: int) -> list[int]:
         if int(stat.rsplit(")", 1)[1].split()[1]) == pid and "spawn_main" in cmdline:
             pids.append(int(entry))
     return pids
+
+
+def test_a_port_in_use_is_refused_before_the_model_loads(tmp_path):
+    """Another server holds the port: `plait serve` exits 2 naming it, before it even looks for the model (a model
+    that does not exist would otherwise be the error)."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        srv = ServerProcess(tmp_path / "taken.log", "--model", str(tmp_path / "no-such-model"), port=port)
+        try:
+            code = srv.proc.wait(60)
+        finally:
+            srv.stop()
+    log = srv.log_path.read_text()
+    assert code == 2, log
+    assert f"plait: error: --port {port} is already in use on 127.0.0.1: stop what listens there or pick another --port" in log
+    assert "no-such-model" not in log and "Traceback" not in log
 
 
 def test_tp2_server_then_a_rank_dies(client, tmp_path):
