@@ -1,7 +1,10 @@
 """`plait serve`: bind the port, load the engine, start its thread, run uvicorn; on SIGTERM drain, then exit 0.
 
 The port is bound first, so a port in use fails at once instead of after minutes of loading; the engine loads
-before uvicorn listens on it, so /health answers only once requests can be served.
+before uvicorn listens on it, so /health answers only once requests can be served. When the engine fails (a rank
+died), the requests in flight get their error, then the server stops and raises the engine's error (the CLI names
+the rank and exits 1), as vLLM's does: a supervisor sees the failure and restarts it, instead of a server that
+stays up answering 500.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ logger = logging.getLogger("plait.server")
 class DrainingServer(uvicorn.Server):
     """uvicorn whose first SIGTERM/SIGINT drains: /v1 answers 503 while running requests finish, for at most
     `drain_timeout` seconds; then it exits as usual (and cancels what is left). A second signal exits at once.
+    Once the engine has failed it exits as well, letting the requests in flight send their error first.
 
     uvicorn's own handler would stop listening straight away and re-raise the signal after shutdown, so the
     process would die of SIGTERM instead of exiting 0.
@@ -50,7 +54,7 @@ class DrainingServer(uvicorn.Server):
         self._deadline = time.monotonic() + self.state.config.drain_timeout
 
     async def on_tick(self, counter: int) -> bool:
-        if await super().on_tick(counter):
+        if await super().on_tick(counter) or self.state.loop.error is not None:
             return True
         return self.state.draining and (self.state.in_flight == 0 or time.monotonic() >= self._deadline)
 
@@ -97,4 +101,6 @@ def run_server(engine_cfg: EngineConfig, cfg: ServerConfig, profile_comm_dir: st
 
             write_profile(engine, profile_comm_dir)
         engine.shutdown()
+    if loop.error is not None:
+        raise loop.error
     return 0
