@@ -17,6 +17,7 @@ import aiohttp
 import openai
 import pytest
 
+from conftest import rank_pids
 from server_process import ServerProcess
 
 pytestmark = pytest.mark.slow
@@ -308,19 +309,6 @@ def test_metrics_names(server):
     assert metric(server, "plait:prefix_cache_queries_total") >= metric(server, "plait:prefix_cache_hits_total")
 
 
-def _rank_pids(pid: int) -> list[int]:
-    """The rank processes a server spawned (multiprocessing's spawn children, not its resource tracker)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        try:
-            stat, cmdline = open(f"/proc/{entry}/stat").read(), open(f"/proc/{entry}/cmdline").read()
-        except (OSError, ValueError):
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and "spawn_main" in cmdline:
-            pids.append(int(entry))
-    return pids
-
-
 def test_a_port_in_use_is_refused_before_the_model_loads(tmp_path):
     """Another server holds the port: `plait serve` exits 2 naming it, before it even looks for the model (a model
     that does not exist would otherwise be the error)."""
@@ -347,7 +335,7 @@ def test_tp2_server_then_a_rank_dies(client, tmp_path):
         tp2.wait_healthy()
         answer = openai.OpenAI(base_url=f"{tp2.url}/v1", api_key="none", max_retries=0).completions.create(**kwargs)
         assert answer.choices[0].text == client.completions.create(**kwargs).choices[0].text
-        ranks = sorted(_rank_pids(tp2.proc.pid))  # spawned in rank order
+        ranks = rank_pids(tp2.proc.pid)
         assert len(ranks) == 2
         long = {"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True}
 
