@@ -47,24 +47,38 @@ def test_pipeline_matches_single_rank(six_layers, reference, tp, pp, partition):
         llm.shutdown()
 
 
-def test_many_requests_through_two_stages_all_finish_as_alone(six_layers):
-    """64 requests, micro-batches in flight, a cache small enough to preempt: each output equals its solo run."""
+MANY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def many_requests(six_layers):
+    """64 random prompts, their tokens from one rank in one batch, and the first 8's from one rank, each alone."""
     prompts = random_prompts(64, lo=3, hi=30, seed=3)
-    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    llm = LLM(six_layers, pipeline_parallel_size=2, dtype="float32", device="cpu", max_model_len=64,
-              block_size=4, num_gpu_blocks_override=48)
-    try:
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        assert llm.engine.blocks.num_free == llm.engine.blocks.num_blocks
-    finally:
-        llm.shutdown()
     solo = LLM(six_layers, dtype="float32", device="cpu", max_model_len=64)
     try:
-        for prompt, out in zip(prompts[:8], outs[:8]):
-            assert out.outputs[0].token_ids == solo.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
-        assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in solo.generate(prompts, params, use_tqdm=False)]
+        batched = [o.outputs[0].token_ids for o in solo.generate(prompts, MANY, use_tqdm=False)]
+        alone = [solo.generate([p], MANY, use_tqdm=False)[0].outputs[0].token_ids for p in prompts[:8]]
     finally:
         solo.shutdown()
+    return prompts, batched, alone
+
+
+@pytest.mark.parametrize("layout", [dict(pipeline_parallel_size=2),
+                                    dict(tensor_parallel_size=2, pipeline_parallel_size=2),
+                                    dict(data_parallel_size=2)], ids=["pp2", "tp2xpp2", "dp2"])
+def test_many_requests_all_finish_as_alone(six_layers, many_requests, layout):
+    """64 requests, micro-batches in flight (or replicas side by side), a cache small enough to preempt: each output
+    equals its single-rank run, and every KV block comes back."""
+    prompts, batched, alone = many_requests
+    llm = LLM(six_layers, **layout, dtype="float32", device="cpu", max_model_len=64, block_size=4,
+              num_gpu_blocks_override=48)
+    try:
+        outs = [o.outputs[0].token_ids for o in llm.generate(prompts, MANY, use_tqdm=False)]
+        engines = getattr(llm.engine, "replicas", [llm.engine])
+        assert all(e.blocks.num_free == e.blocks.num_blocks for e in engines)
+    finally:
+        llm.shutdown()
+    assert outs[:8] == alone and outs == batched
 
 
 def test_stage_partition_and_its_errors():
