@@ -1,5 +1,5 @@
-"""Shared fixtures: tiny random checkpoints of each family, written once per session as real HF folders; and the
-scheduler's invariants, checked by the unit and the engine-level scheduling tests."""
+"""Shared fixtures: tiny random checkpoints of each family, written once per session as real HF folders; the
+scheduler's invariants, checked by the unit and the engine-level scheduling tests; a launcher's rank processes."""
 
 from __future__ import annotations
 
@@ -138,3 +138,17 @@ def assert_generations_match(prompts: list[list[int]], outs, reference, atol: fl
         torch.testing.assert_close(ours, gen_lps, atol=atol, rtol=0)
         ours_prompt = torch.tensor([out.prompt_logprobs[i][t].logprob for i, t in enumerate(prompt) if i > 0])
         torch.testing.assert_close(ours_prompt, prompt_lps, atol=atol, rtol=0)
+
+
+def rank_pids(pid: int) -> list[int]:
+    """The rank processes that process `pid` spawned (multiprocessing's spawn children, not its resource tracker),
+    in rank order: they are spawned one after the other."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            stat, cmdline = open(f"/proc/{entry}/stat").read(), open(f"/proc/{entry}/cmdline").read()
+        except (OSError, ValueError):
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and "spawn_main" in cmdline:
+            pids.append(int(entry))
+    return sorted(pids)

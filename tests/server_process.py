@@ -19,10 +19,11 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`python -m plait.cli serve` on the embedded SmolLM2 (CPU, fp32), its output in `log_path`."""
+    """`python -m plait.cli serve` on the embedded SmolLM2 (CPU, fp32), its output in `log_path`; on `port`, or a free
+    one."""
 
-    def __init__(self, log_path: Path, *args: str):
-        self.port = free_port()
+    def __init__(self, log_path: Path, *args: str, port: int | None = None):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         cmd = [sys.executable, "-m", "plait.cli", "serve", "--device", "cpu", "--dtype", "float32",

@@ -236,6 +236,26 @@ def test_bad_engine_config(folder, llm, expected, kwargs, match):
     assert_usable(llm, expected)
 
 
+@pytest.mark.parametrize("changes, visible, env, match", [
+    (dict(tensor_parallel_size=2), 1, "0", r"^dp 1 x pp 1 x tp 2 x sp 1 = 2 ranks on this machine, but 1 GPU\(s\) visible "
+                                           r"here \(CUDA_VISIBLE_DEVICES '0'\): each rank needs a GPU of its own"),
+    (dict(data_parallel_size=2), 1, None, r"dp 2 x pp 1 x tp 1 x sp 1 = 2 ranks on this machine, .*but 1 GPU\(s\) visible here "
+                                          r"\(CUDA_VISIBLE_DEVICES unset\)"),
+    (dict(data_parallel_size=2, pipeline_parallel_size=2, tensor_parallel_size=2), 4, None, "= 8 ranks on this machine"),
+    (dict(sequence_parallel_size=2, tensor_parallel_size=2), 0, "",
+     r"sp 2 = 4 ranks .* 0 GPU\(s\) visible here \(CUDA_VISIBLE_DEVICES ''\)"),
+    (dict(pipeline_parallel_size=2, tensor_parallel_size=4, nnodes=2, master_port=1234), 2, None,
+     r"dp 1 x pp 2 x tp 4 x sp 1 = 8 ranks over nnodes 2 = 4 per node, but 2 GPU\(s\) visible here"),
+])
+def test_more_ranks_on_a_machine_than_gpus_is_refused(changes, visible, env, match):
+    from plait.config import EngineConfig
+
+    cfg = EngineConfig(**changes)
+    with pytest.raises(ValueError, match=match):
+        cfg.check_gpus(visible, env)
+    cfg.check_gpus(cfg.ranks_per_node, env)  # one GPU per rank is enough
+
+
 def test_a_failed_start_up_leaves_no_rank_running(folder, llm, expected):
     """The KV cache is sized after the ranks have started and loaded the model: when it is too small, the error comes
     after the two ranks' processes are stopped, not left holding their memory until the interpreter exits."""

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -16,6 +17,7 @@ import aiohttp
 import openai
 import pytest
 
+from conftest import rank_pids
 from server_process import ServerProcess
 
 pytestmark = pytest.mark.slow
@@ -307,37 +309,60 @@ def test_metrics_names(server):
     assert metric(server, "plait:prefix_cache_queries_total") >= metric(server, "plait:prefix_cache_hits_total")
 
 
-def _rank_pids(pid: int) -> list[int]:
-    """The rank processes a server spawned (multiprocessing's spawn children, not its resource tracker)."""
-    pids = []
-    for entry in os.listdir("/proc"):
+def test_a_port_in_use_is_refused_before_the_model_loads(tmp_path):
+    """Another server holds the port: `plait serve` exits 2 naming it, before it even looks for the model (a model
+    that does not exist would otherwise be the error)."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        srv = ServerProcess(tmp_path / "taken.log", "--model", str(tmp_path / "no-such-model"), port=port)
         try:
-            stat, cmdline = open(f"/proc/{entry}/stat").read(), open(f"/proc/{entry}/cmdline").read()
-        except (OSError, ValueError):
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and "spawn_main" in cmdline:
-            pids.append(int(entry))
-    return pids
+            code = srv.proc.wait(60)
+        finally:
+            srv.stop()
+    log = srv.log_path.read_text()
+    assert code == 2, log
+    assert f"plait: error: --port {port} is already in use on 127.0.0.1: stop what listens there or pick another --port" in log
+    assert "no-such-model" not in log and "Traceback" not in log
 
 
 def test_tp2_server_then_a_rank_dies(client, tmp_path):
-    """A TP=2 server (two gloo rank processes) gives the TP=1 answer; when a rank dies, requests get a 500 error
-    JSON, /health says 503, and the server itself stays up and still exits cleanly."""
+    """A TP=2 server (two gloo rank processes) gives the TP=1 answer. When a rank dies, the requests in flight get
+    the engine's error (a 500; an error event, then [DONE], in a stream), and the server stops by itself: exit 1,
+    the rank named, within seconds (as vLLM's: a supervisor restarts it)."""
     kwargs = dict(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0)
     tp2 = ServerProcess(tmp_path / "tp2.log", "--tp", "2")
     try:
         tp2.wait_healthy()
         answer = openai.OpenAI(base_url=f"{tp2.url}/v1", api_key="none", max_retries=0).completions.create(**kwargs)
         assert answer.choices[0].text == client.completions.create(**kwargs).choices[0].text
-        ranks = _rank_pids(tp2.proc.pid)
+        ranks = rank_pids(tp2.proc.pid)
         assert len(ranks) == 2
-        os.kill(ranks[1], signal.SIGKILL)
-        status, error = call(tp2, "/v1/completions", {"prompt": "Hi", "max_tokens": 2}, key=None)
-        assert status == 500 and "the engine has failed" in error["error"]["message"]
-        assert call(tp2, "/health", key=None)[0] == 503 and call(tp2, "/v1/models", key=None)[0] == 200
+        long = {"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True}
+
+        async def run():
+            async with aiohttp.ClientSession() as s:
+                plain = asyncio.ensure_future(s.post(f"{tp2.url}/v1/completions", json=long))
+                async with s.post(f"{tp2.url}/v1/completions", json={**long, "stream": True}) as stream:
+                    await stream.content.readline()  # its first token
+                    while metric(tp2, "plait:num_requests_running") < 2:
+                        await asyncio.sleep(0.05)
+                    os.kill(ranks[1], signal.SIGKILL)
+                    rest = (await stream.read()).decode()
+                async with await plain as resp:
+                    return rest, resp.status, await resp.json()
+
+        start = time.monotonic()
+        rest, status, error = asyncio.run(asyncio.wait_for(run(), 60))
+        code = tp2.proc.wait(30)
+        assert time.monotonic() - start < 30
     finally:
         tp2.stop()
-    assert tp2.proc.returncode == 0
+    failed = "the engine has failed (RankFailure: rank 1 exited with code -9"
+    assert status == 500 and failed in error["error"]["message"]
+    events = [json.loads(line[6:]) for line in rest.splitlines() if line.startswith("data: {")]
+    assert failed in events[-1]["error"]["message"] and rest.rstrip().endswith("data: [DONE]")
+    assert code == 1, tp2.log_tail()
+    assert "plait: rank 1 exited with code -9 without answering" in tp2.log_tail(), tp2.log_tail()
 
 
 def test_sigterm_drains_then_exits_0(server):

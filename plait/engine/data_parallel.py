@@ -11,6 +11,7 @@ import itertools
 
 from plait.config import EngineConfig
 from plait.engine.engine import LLMEngine
+from plait.executor.executor import check_visible_gpus
 from plait.outputs import RequestOutput
 from plait.sampling_params import SamplingParams
 
@@ -85,4 +86,5 @@ class DataParallelEngine:
 
 
 def make_engine(cfg: EngineConfig) -> LLMEngine | DataParallelEngine:
+    check_visible_gpus(cfg)  # every replica's ranks at once: the first would start before the last is refused
     return DataParallelEngine(cfg) if cfg.data_parallel_size > 1 else LLMEngine(cfg)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import multiprocessing as mp
+import os
 import socket
 import time
 from collections import deque
@@ -170,6 +171,12 @@ class MultiprocExecutor:
         for conn in self.conns:
             conn.close()
         self.procs, self.conns, self.store, self.remote = [], [], None, None
+
+
+def check_visible_gpus(cfg: EngineConfig) -> None:
+    """On GPU, refuse a layout with more ranks on this machine than torch sees GPUs, before any rank is started."""
+    if cfg.resolved_device() == "cuda":
+        cfg.check_gpus(torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES"))
 
 
 def make_executor(cfg: EngineConfig, init_args: dict, device_offset: int = 0, own_process: bool = False):

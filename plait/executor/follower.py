@@ -16,7 +16,7 @@ import time
 import torch.distributed as dist
 
 from plait.config import EngineConfig
-from plait.executor.executor import RankFailure
+from plait.executor.executor import RankFailure, check_visible_gpus
 from plait.executor.nodes import HEARTBEAT_S, join, node_key
 from plait.executor.rendezvous import StoreChannel, connect_store
 from plait.executor.worker import worker_main
@@ -31,6 +31,11 @@ def run_follower(cfg: EngineConfig) -> int:
         driver_cfg, init_args = join(store, cfg)
     except dist.DistNetworkError:
         raise RankFailure(f"node 0's rendezvous at {addr}:{port} closed during the handshake: node 0 failed") from None
+    try:
+        check_visible_gpus(driver_cfg)
+    except ValueError as e:  # the driver learns it from the node's report, not from its silence
+        store.set(node_key("failed", layout.node_rank), f"a refused start: {e}")
+        raise
     ranks = layout.ranks_of(layout.node_rank)
     print(f"plait: node {layout.node_rank} of {layout.nnodes}: ranks {ranks.start}..{ranks.stop - 1} follow node 0 "
           f"at {addr}:{port}", file=sys.stderr, flush=True)

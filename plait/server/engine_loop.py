@@ -25,10 +25,11 @@ logger = logging.getLogger("plait.server")
 
 
 class EngineDeadError(APIError):
-    """The engine raised in a step (a rank died, say); every request in it, and every later one, fails with this."""
+    """The engine raised in a step (a rank died, say); every request in it, and every later one until the server
+    has stopped, fails with this."""
 
     def __init__(self, cause: BaseException):
-        super().__init__(500, f"the engine has failed ({type(cause).__name__}: {cause}); restart the server")
+        super().__init__(500, f"the engine has failed ({type(cause).__name__}: {cause}); the server is stopping")
 
 
 @dataclass
@@ -134,10 +135,14 @@ class EngineLoop:
                 if self.engine.has_unfinished_requests():
                     self._dispatch(self.engine.step())
                 self._publish_load()
-        except Exception as e:  # the engine is broken: fail everyone, refuse everything, keep the server up
-            logger.exception("the engine failed; requests will answer 500 until the server is restarted")
-            self.error = e
-            self._refuse_all()
+        except Exception as e:  # the engine is broken: fail everyone, refuse everything; the server then stops
+            logger.exception("the engine failed: the server stops")
+            dead = EngineDeadError(e)
+            for stream in self._streams.values():
+                stream.put(dead)
+            self._streams.clear()
+            self.error = e  # set once the requests in flight have their error: the server stops when it sees it
+            self._refuse_all(dead)
 
     def _take(self, block: bool) -> list:
         commands = [self._inbox.get()] if block else []
@@ -189,11 +194,8 @@ class EngineLoop:
         self.load = Load(running, waiting, self.engine.kv_cache_usage(), *self.engine.prefix_cache_tokens())
         self.metrics.set_load(self.load)
 
-    def _refuse_all(self) -> None:
-        dead = EngineDeadError(self.error)
-        for stream in self._streams.values():
-            stream.put(dead)
-        self._streams.clear()
+    def _refuse_all(self, dead: EngineDeadError) -> None:
+        """Until told to stop, answer every request that reached the inbox with the engine's error."""
         while (cmd := self._inbox.get()) is not _STOP:
             if isinstance(cmd, _Add):
                 cmd.stream.put(dead)

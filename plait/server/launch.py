@@ -1,12 +1,18 @@
-"""`plait serve`: load the engine, start its thread, run uvicorn; on SIGTERM drain, then exit 0.
+"""`plait serve`: bind the port, load the engine, start its thread, run uvicorn; on SIGTERM drain, then exit 0.
 
-The engine loads before uvicorn listens, so /health answers only once requests can be served.
+The port is bound first, so a port in use fails at once instead of after minutes of loading; the engine loads
+before uvicorn listens on it, so /health answers only once requests can be served. When the engine fails (a rank
+died), the requests in flight get their error, then the server stops and raises the engine's error (the CLI names
+the rank and exits 1), as vLLM's does: a supervisor sees the failure and restarts it, instead of a server that
+stays up answering 500.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
+import socket
 import time
 from types import FrameType
 
@@ -27,6 +33,7 @@ logger = logging.getLogger("plait.server")
 class DrainingServer(uvicorn.Server):
     """uvicorn whose first SIGTERM/SIGINT drains: /v1 answers 503 while running requests finish, for at most
     `drain_timeout` seconds; then it exits as usual (and cancels what is left). A second signal exits at once.
+    Once the engine has failed it exits as well, letting the requests in flight send their error first.
 
     uvicorn's own handler would stop listening straight away and re-raise the signal after shutdown, so the
     process would die of SIGTERM instead of exiting 0.
@@ -47,14 +54,35 @@ class DrainingServer(uvicorn.Server):
         self._deadline = time.monotonic() + self.state.config.drain_timeout
 
     async def on_tick(self, counter: int) -> bool:
-        if await super().on_tick(counter):
+        if await super().on_tick(counter) or self.state.loop.error is not None:
             return True
         return self.state.draining and (self.state.in_flight == 0 or time.monotonic() >= self._deadline)
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The HTTP socket, bound (not yet listening: connections are refused until uvicorn listens) with the options
+    uvicorn would use, or a ValueError naming host and port."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise ValueError(f"--port {port} is already in use on {host}: stop what listens there or pick another "
+                             f"--port") from None
+        raise ValueError(f"cannot listen on {host}:{port} ({e.strerror or e}): check --host and --port") from None
+    return sock
+
+
 def run_server(engine_cfg: EngineConfig, cfg: ServerConfig, profile_comm_dir: str = "comm-profile") -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
-    engine = make_engine(engine_cfg)
+    sock = bind(cfg.host, cfg.port)
+    try:
+        engine = make_engine(engine_cfg)
+    except BaseException:
+        sock.close()
+        raise
     name = cfg.served_model_name or engine.model_name
     metrics = ServerMetrics(name)
     loop = EngineLoop(engine, metrics)
@@ -64,8 +92,8 @@ def run_server(engine_cfg: EngineConfig, cfg: ServerConfig, profile_comm_dir: st
                         access_log=not cfg.disable_uvicorn_access_log, timeout_graceful_shutdown=1)
     loop.start()
     try:
-        logger.info("serving %s on http://%s:%d", name, cfg.host, cfg.port)
-        DrainingServer(uv, state).run()
+        logger.info("serving %s on http://%s:%d", name, cfg.host, sock.getsockname()[1])
+        DrainingServer(uv, state).run(sockets=[sock])
     finally:
         loop.stop()
         if engine_cfg.profile_comm:  # every collective of the server's life (up to the profiler's cap)
@@ -73,4 +101,6 @@ def run_server(engine_cfg: EngineConfig, cfg: ServerConfig, profile_comm_dir: st
 
             write_profile(engine, profile_comm_dir)
         engine.shutdown()
+    if loop.error is not None:
+        raise loop.error
     return 0

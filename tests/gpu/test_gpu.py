@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -214,3 +217,17 @@ def test_throughput_bench_reports_how_busy_the_gpu_was(checkpoint):
     result = throughput.measure(cfg, args)
     assert result["output_tokens"] == 16 * 16 and len(result["gpu_timeline"]) == 1
     assert 0.0 < result["gpu_busy_fraction"][0] <= 1.0
+
+
+@needs_cuda
+@pytest.mark.parametrize("degree", ["--tp", "--dp"])
+def test_more_ranks_than_visible_gpus_is_refused_before_any_rank_starts(checkpoint, degree):
+    """One GPU made visible the way users do it, two ranks asked for: a one-line error at once, not an out-of-memory
+    traceback (--tp) or an empty KV cache (--dp) once both ranks loaded the model on the same GPU."""
+    cmd = [sys.executable, "-m", "plait.cli", "generate", checkpoint[0], "--device", "cuda", degree, "2",
+           "--prompt", "hi", "--max-tokens", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"})
+    assert proc.returncode == 2, proc.stderr
+    assert "plait: error: dp" in proc.stderr and "= 2 ranks on this machine, but 1 GPU(s) visible here " \
+        "(CUDA_VISIBLE_DEVICES '0')" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
