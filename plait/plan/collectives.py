@@ -58,7 +58,9 @@ class Collective:
     op: str  # all_reduce | all_gather | all_to_all | broadcast | send | recv
     bytes: int  # this rank's buffer, as `CommRecord.bytes` counts it (all_to_all: what it sends)
     group_size: int
-    site: str  # embed | qkv_exchange | out_exchange | o_proj | down_proj | combine | sp_gather | lm_head | tokens | stage_in | stage_out
+    # embed | qkv_exchange | out_exchange | o_proj | down_proj | combine | sp_gather | lm_head | tokens | stage_in |
+    # stage_out
+    site: str
     layer: int | None = None
     peer: int | None = None  # send / recv: the other rank (within the replica)
     wire_bytes: int = 0  # what the cost model sizes: all-reduce buffer, padded all-gather output, message

@@ -2,17 +2,20 @@
 
 The batch becomes steps (`workload.fixed_batch_steps`); each step's time on each pipeline stage comes from
 `costs.stage_time`; then the driver loop is replayed as `LLMEngine.step` runs it: submit a plan for every
-micro-batch with room in flight, wait for the oldest, pay the host's per-step work, repeat. Synchronously a
-micro-batch has one plan in flight, so the host's work adds to every step. With asynchronous scheduling (one stage)
-it has two: plan N+1 is queued on the GPU before the host waits for plan N, so the host's work on N's tokens runs
-while the GPU runs N+1, and a step takes the longer of the two (TPOT = max(GPU step, host step)). A token still
-reaches the host when its own step is collected, so TTFT pays the host once, as synchronously. Each stage runs its plans in order, so
-a plan waits for its stage to be free: that is the pipeline bubble, (p - 1) / (m + p - 1) of a run of m
-micro-batches over p stages, here played out step by step. Eager steps also wait for the CPU: each stage's CPU
-issues its kernels from the moment the plan is submitted (all stages at once), so a stage finishes no sooner than
-its CPU does; that is how short eager pipeline steps run faster than one GPU's eager step. Data-parallel replicas run side by side on their
-share of the batch. TTFT, TPOT and throughput are measured on the replayed timeline the way
-`plait bench latency` measures the real one.
+micro-batch with room in flight, wait for the oldest, pay the host's per-step work, repeat.
+
+Synchronously a micro-batch has one plan in flight, so the host's work adds to every step. With asynchronous
+scheduling (one stage) it has two: plan N+1 is queued on the GPU before the host waits for plan N, so the host's
+work on N's tokens runs while the GPU runs N+1, and a step takes the longer of the two (TPOT = max(GPU step, host
+step)). A token still reaches the host when its own step is collected, so TTFT pays the host once, as
+synchronously.
+
+Each stage runs its plans in order, so a plan waits for its stage to be free: that is the pipeline bubble,
+(p - 1) / (m + p - 1) of a run of m micro-batches over p stages, here played out step by step. Eager steps also
+wait for the CPU: each stage's CPU issues its kernels from the moment the plan is submitted (all stages at once),
+so a stage finishes no sooner than its CPU does; that is how short eager pipeline steps run faster than one GPU's
+eager step. Data-parallel replicas run side by side on their share of the batch. TTFT, TPOT and throughput are
+measured on the replayed timeline the way `plait bench latency` measures the real one.
 """
 
 from __future__ import annotations
