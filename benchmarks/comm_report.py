@@ -43,7 +43,7 @@ def predictions(data: dict, calib: Calibration) -> list[dict]:
     rows = []
     for name, cfg in data["configs"].items():
         layout = Layout(cfg["tp"], cfg["pp"])
-        lim = EngineLimits.recorded(cfg["engine"])
+        lim = EngineLimits.recorded(cfg["engine"], cfg.get("features"))
         eager = dataclasses.replace(lim, enforce_eager=True)
         profiled = {(p["batch"], p["input_len"]): p for p in cfg["profiled"]}
         for p in cfg["points"]:

@@ -133,12 +133,13 @@ def profile_point(engine, tp: int, pp: int, batch: int, input_len: int, output_l
     """The profiled run's collectives: per op per rank, per phase, and whether each step matched the model."""
     from plait.comm.trace import collect
     from plait.plan.check import check_collectives, check_schedule
+    from plait.plan.collectives import Sampling
     from plait.plan.shapes import Layout
     from plait.plan.workload import fixed_batch_steps
 
     trace = collect(engine)
     itemsize = engine.cfg.torch_dtype().itemsize
-    compared, bad = check_collectives(trace, engine.model_config, Layout(tp, pp), itemsize)
+    compared, bad = check_collectives(trace, engine.model_config, Layout(tp, pp), itemsize, Sampling.of(engine.cfg))
     mb = fixed_batch_steps(batch, input_len, output_len, engine.sched_config.max_num_batched_tokens,
                            engine.sched_config.max_num_seqs, pp)
     missing, extra = check_schedule(trace, mb)
@@ -158,6 +159,7 @@ def measure_job(job: Job, points: list[tuple[int, int]], args: argparse.Namespac
     from plait.bench.comm_profile import run_batch
     from plait.comm.trace import collect
     from plait.engine.engine import LLMEngine
+    from plait.plan.predict import EngineLimits
 
     stop_at = time.monotonic() + args.job_s - SHUTDOWN_S
     tp, pp = CONFIGS[job.config]
@@ -165,7 +167,8 @@ def measure_job(job: Job, points: list[tuple[int, int]], args: argparse.Namespac
     engine = LLMEngine(engine_config(job.config, args).replace(profile_comm=job.profiled))
     try:
         print(f"{job.label}: engine up in {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
-        yield {"engine": dataclasses.asdict(engine.cfg)}
+        # the features of this code's engine that no EngineConfig field names: the report prices it with them
+        yield {"engine": dataclasses.asdict(engine.cfg), "features": EngineLimits().features()}
         last: tuple[int, float] | None = None  # (prompt tokens, seconds) of the last point, both runs
         for b, n in points:
             if last and time.monotonic() + last[1] * max(1.0, b * n / last[0]) > stop_at:
@@ -248,7 +251,7 @@ def run_jobs(args: argparse.Namespace, argv: list[str], result: dict, deadline: 
                 tp, pp = CONFIGS[job.config]
                 cfg = result["configs"].setdefault(job.config, {"config": job.config, "tp": tp, "pp": pp, "points": [],
                                                                 "profiled": []})
-                cfg["engine"] = msg["engine"]
+                cfg["engine"], cfg["features"] = msg["engine"], msg["features"]
             else:
                 cfg[job.key].append(msg["point"])
                 _save(result, result_path)

@@ -1,8 +1,8 @@
 """The communication profiler over real gloo processes, and the analytical model's exactness against it.
 
-For TP=2, PP=2 and TP2xPP2 every step of every rank must record exactly the collectives the model predicts (op,
-bytes, layer, peer, in order), the scheduler must make exactly the predicted steps, and so the whole run's count
-and bytes of collectives per rank are the predicted ones.
+For TP=2, PP=2 and TP2xPP2, and TP=2 with asynchronous scheduling or spread sampling, every step of every rank must
+record exactly the collectives the model predicts (op, bytes, layer, peer, in order), the scheduler must make
+exactly the predicted steps, and so the whole run's count and bytes of collectives per rank are the predicted ones.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from plait.cli import build_parser, engine_config_from_args, main as cli_main
 from plait.comm.communicator import Communicator
 from plait.comm.profiler import CommProfiler, step_phase
 from plait.plan.check import check_collectives, check_schedule
-from plait.plan.collectives import rank_collectives
+from plait.plan.collectives import Sampling, rank_collectives
 from plait.plan.shapes import Layout, load_model_config
 from plait.plan.workload import fixed_batch_steps
 
@@ -45,8 +45,8 @@ def profile(model: str | None, extra: list[str], out_dir) -> tuple:
 
 
 def assert_exact(trace, cfg, args, model_config) -> None:
-    layout = Layout.of(cfg)
-    compared, bad = check_collectives(trace, model_config, layout, itemsize=4)
+    layout, sampling = Layout.of(cfg), Sampling.of(cfg)
+    compared, bad = check_collectives(trace, model_config, layout, 4, sampling)
     assert compared == sum(len(rt.steps) for rt in trace.ranks) > 0
     assert not bad, "\n".join(map(str, bad))
     predicted = fixed_batch_steps(args.batch_size, args.input_len, args.output_len, args.max_num_batched_tokens,
@@ -56,7 +56,7 @@ def assert_exact(trace, cfg, args, model_config) -> None:
         want = Counter()
         for steps in predicted:
             for s in steps:
-                for c in rank_collectives(model_config, layout, rt.rank, s.tokens, s.logit_rows, 4):
+                for c in rank_collectives(model_config, layout, rt.rank, s.tokens, s.logit_rows, 4, s.samples, sampling):
                     want[c.op, "n"] += 1
                     want[c.op, "bytes"] += c.bytes
         got = Counter()
@@ -116,6 +116,26 @@ def test_sp2_tp2_with_shift_records_exactly_the_models_collectives(four_layers, 
     assert not any(r.op == "all_to_all" for r in rank1.records if r.phase == "decode")
 
 
+def test_tp2_async_scheduling_broadcasts_each_steps_tokens_as_predicted(four_layers, tmp_path):
+    """Every rank keeps the sampled tokens for the next step's inputs: one broadcast of int64 ids per step, after
+    the LM head's gather (prompt-logprob rows sample nothing)."""
+    trace, args, cfg = profile(four_layers, ["--tp", "2", "--async-scheduling"], tmp_path)
+    assert_exact(trace, cfg, args, load_model_config(four_layers))
+    for rt in trace.ranks:
+        last = {s.step: [r for r in rt.records if r.step == s.step][-1] for s in rt.steps}
+        assert [(last[s.step].op, last[s.step].bytes) for s in rt.steps] == [("broadcast", 8 * s.samples) for s in rt.steps]
+    assert [s.samples for s in trace.ranks[0].steps] == [1, 3, 3, 3, 2]
+
+
+def test_tp2_sampling_parallel_exchanges_logit_blocks_as_predicted(four_layers, tmp_path):
+    """Spread sampling: the LM head's all-gather becomes one all-to-all of the same rows' own vocabulary columns."""
+    trace, args, cfg = profile(four_layers, ["--tp", "2", "--sampling-parallel"], tmp_path)
+    assert_exact(trace, cfg, args, load_model_config(four_layers))
+    for rt in trace.ranks:
+        assert not [r for r in rt.records if r.op == "all_gather"]
+        assert len([r for r in rt.records if r.op == "all_to_all"]) == len(rt.steps)
+
+
 @pytest.mark.slow
 def test_smollm2_tp2_pp2_matches_the_model_exactly(tmp_path):
     trace, args, cfg = profile(None, ["--tp", "2", "--pp", "2"], tmp_path)
@@ -143,11 +163,11 @@ def test_profiler_without_processes_times_tags_and_caps(monkeypatch):
         lin(x)
         with comm._record("all_gather", torch.zeros(2, 3)):
             pass
-        prof.tag([(0, 3), (9, 2)], [3, 8], 2)
+        prof.tag([(0, 3), (9, 2)], [3, 8], 2, 1)
     with prof.step():
         for _ in range(3):
             lin(x)
-        prof.tag([(4, 1)], [4], 1)
+        prof.tag([(4, 1)], [4], 1, 1)
     trace = prof.drain()
     assert [s.phase for s in trace.steps] == ["mixed", "decode"] and trace.steps[1].collectives == 3
     assert trace.dropped_records == 2 and len(trace.records) == 3  # steps keep their totals past the cap

@@ -140,17 +140,19 @@ def test_fit_recovers_the_engine_terms_from_a_grid(llama8b):
     from plait.plan.fit import TERMS, fit_validation
 
     truth = h200_defaults()
+    # synchronous scheduling: the host's time adds to every step, so its terms show in the measurements
+    engine = {"dtype": "bfloat16", "max_num_batched_tokens": 8192, "max_num_seqs": 32, "max_prefill_graph_tokens": 512,
+              "async_scheduling": False}
+    lim = EngineLimits.recorded(engine, EngineLimits().features())
     configs = {}
     for name, tp in (("tp1", 1), ("tp2", 2), ("tp4", 4)):
         points = []
         for b, n in ((1, 128), (8, 128), (32, 128), (1, 2048), (1, 8192), (8, 2048), (32, 2048), (8, 8192)):
-            p = predict(llama8b, Layout(tp), b, n, 8, truth, EngineLimits(8192, 32))
+            p = predict(llama8b, Layout(tp), b, n, 8, truth, lim)
             scale = 2.0 if name == "tp4" else 1.0  # would spoil the fit if it were used
             points.append({"batch": b, "input_len": n, "output_len": 8, "ttft_ms": scale * 1e3 * p.ttft_s,
                            "tpot_ms": scale * 1e3 * p.tpot_s})
-        configs[name] = {"tp": tp, "pp": 1, "points": points,
-                         "engine": {"dtype": "bfloat16", "max_num_batched_tokens": 8192, "max_num_seqs": 32,
-                                    "max_prefill_graph_tokens": 512}}
+        configs[name] = {"tp": tp, "pp": 1, "points": points, "engine": engine, "features": lim.features()}
     start = dataclasses.replace(truth, **{k: 1.5 * getattr(truth, k) for k in TERMS})
     fitted = fit_validation(start, {"model": "llama3-8b", "configs": configs})
     assert fitted.fit_configs == ["tp1", "tp2"] and "16 timed points of tp1, tp2" in fitted.notes[-1]
@@ -165,7 +167,9 @@ def test_predictions_tp_dp_and_memory(llama8b):
     calib = h200_defaults()
     tp1, tp2 = (predict(llama8b, Layout(tp), 1, 128, 64, calib) for tp in (1, 2))
     assert tp1.comm_share == 0 and 0.1 < tp2.comm_share < 0.8 and tp2.tpot_s < tp1.tpot_s
-    assert tp1.tpot_s == pytest.approx(5.09e-3, rel=0.05)  # benchmarks/results/comm: tp1, batch 1 x 128
+    sync = predict(llama8b, Layout(1), 1, 128, 64, calib, EngineLimits(async_scheduling=False))
+    assert sync.tpot_s == pytest.approx(5.09e-3, rel=0.05)  # benchmarks/results/comm: tp1, batch 1 x 128, synchronous
+    assert tp1.tpot_s < sync.tpot_s  # on a GPU the host's work hides behind the next step by default
     dp = predict(llama8b, Layout(1, 1, 2), 8, 128, 64, calib)
     half = predict(llama8b, Layout(1), 4, 128, 64, calib)
     assert dp.tpot_s == pytest.approx(half.tpot_s) and dp.throughput == pytest.approx(2 * half.throughput)
@@ -290,7 +294,9 @@ def test_validation_report_from_results_json(tmp_path, smollm2_config):
     report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report)
     calib, configs = h200_defaults(), {}
-    lim = EngineLimits(2048, 8)
+    engine = {"dtype": "bfloat16", "max_num_batched_tokens": 2048, "max_num_seqs": 8, "max_prefill_graph_tokens": 512,
+              "async_scheduling": None}
+    lim = EngineLimits.recorded(engine, EngineLimits().features())  # the engine's default scheduling, as recorded
     for name, (tp, pp) in {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}.items():
         points, profiled = [], []
         for b, n in ((1, 128), (8, 512)):
@@ -300,12 +306,31 @@ def test_validation_report_from_results_json(tmp_path, smollm2_config):
             ops = {op: {k: v * (1.1 if k == "s" else 1) for k, v in o.items()}
                    for op, o in comm_totals(smollm2_config, Layout(tp, pp), b, n, 8, calib, eager).items()}
             profiled.append({"batch": b, "input_len": n, "ops": ops, "exact_steps": 3, "steps_compared": 3, "schedule_exact": True})
-        configs[name] = {"tp": tp, "pp": pp, "engine": {"dtype": "bfloat16", "max_num_batched_tokens": 2048, "max_num_seqs": 8,
-                                                            "max_prefill_graph_tokens": 512},
-                         "points": points, "profiled": profiled}
+        configs[name] = {"tp": tp, "pp": pp, "engine": engine, "features": lim.features(), "points": points,
+                         "profiled": profiled}
     md = pathlib.Path(report.write({"model": "smollm2-135m", "configs": configs, "skipped": []}, calib, str(tmp_path))).read_text()
     assert "- TPOT: 6/6 within 15%; median |error| 9.1%" in md and "- COMM: 2/2 within 15%" in md
     assert "in 2/2 grid points" in md and "| tp1 | 1 | 128 | 3/3 | exact |" in md
     assert "In sample (tp1, tp2: the engine terms were fitted to these):\n\n- TTFT: 4/4" in md
     assert "Held out (not used in the fit):\n\n- TTFT: 2/2" in md
     assert "2. PP moves the least" in md and (tmp_path / "comm_report_tpot.png").exists()
+
+
+def test_committed_comm_report_regenerates_from_its_json(tmp_path):
+    """benchmarks/results/comm/comm_report.md, regenerated from the committed JSON as benchmarks/gpu_comm.sh runs it,
+    states the same accuracy and planner figures: a model change that moves them must regenerate the report."""
+    import importlib.util
+    import pathlib
+
+    root = pathlib.Path(__file__).parents[1]
+    spec = importlib.util.spec_from_file_location("comm_report", root / "benchmarks" / "comm_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    committed = root / "benchmarks" / "results" / "comm"
+    assert report.main([str(committed / "comm_validation.json"), "--out", str(tmp_path)]) == 0
+
+    def figures(md: str) -> list[str]:
+        return [line for line in md.splitlines() if line.startswith(("- TTFT", "- TPOT", "- COMM", "Right (within"))]
+
+    want = figures((committed / "comm_report.md").read_text())
+    assert len(want) == 9 and want == figures((tmp_path / "comm_report.md").read_text())

@@ -44,6 +44,27 @@ def test_pipeline_replay_shows_the_bubble(smollm2_config):
                                            for s in range(2)), rel=1e-6)
 
 
+def test_async_scheduling_overlaps_the_host_with_the_next_step(smollm2_config):
+    """Synchronously a step costs GPU + host; with asynchronous scheduling the host's work on step N's tokens runs
+    while the GPU runs step N+1, so a decode step costs the longer of the two. TTFT pays the host once either way:
+    the first token reaches the host when its own step is collected, not a step later."""
+    base = dataclasses.replace(h200_defaults(), host_per_seq_s=0.0, graph_layer_s=0.0)
+    lim = EngineLimits(max_num_batched_tokens=4096)
+    decode = fixed_batch_steps(4, 64, 2, 4096, 64)[0][-1]
+    gpu = stage_time(smollm2_config, Layout(1), 0, decode, base, 2, graph=True).total_s
+    for host in (0.5 * gpu, 2 * gpu):  # GPU-bound, then host-bound
+        calib = dataclasses.replace(base, host_step_s=host)
+        sync, overlapped = (predict(smollm2_config, Layout(1), 4, 64, 2, calib, dataclasses.replace(lim, async_scheduling=a))
+                            for a in (False, True))
+        assert sync.tpot_s == pytest.approx(gpu + host, rel=1e-6)
+        assert overlapped.tpot_s == pytest.approx(max(gpu, host), rel=1e-6)
+        assert overlapped.ttft_s == pytest.approx(sync.ttft_s, rel=1e-6)
+        assert overlapped.comm_share == sync.comm_share == 0.0
+    # the default follows the engine: on with a GPU and one stage, off with pipeline stages or on CPU
+    assert lim.resolved_async_scheduling(base, Layout(1)) and not lim.resolved_async_scheduling(base, Layout(1, 2))
+    assert not lim.resolved_async_scheduling(dataclasses.replace(base, device="cpu"), Layout(1))
+
+
 def test_eager_pipeline_stages_issue_at_once(smollm2_config):
     """CPU-bound eager steps: every stage's CPU issues its layers from the plan's submission, so a pipeline step
     takes about one stage's issue time, not the sum over stages; and the issue time follows the kernels:

@@ -12,7 +12,7 @@ from plait.cli import main as cli_main
 from plait.config import EngineConfig
 from plait.models.loader import resolve_model
 from plait.plan.calibration import Calibration, h200_defaults
-from plait.plan.collectives import rank_collectives
+from plait.plan.collectives import Sampling, rank_collectives
 from plait.plan.costs import rank_memory
 from plait.plan.planner import Slo, candidates, layouts, plan
 from plait.plan.predict import EngineLimits, predict
@@ -49,10 +49,12 @@ def test_planner_prices_sp_and_shift_with_exact_counts(llama8b):
     assert sp4.weights > 3.5 * tp4.weights and sp4.kv_bytes_per_token == tp4.kv_bytes_per_token
     # Decode steps of a Shift layout run TP over all 4 ranks: the exact per-step collectives of a shifted step.
     p = predict(llama8b, shift["TP2xSHIFT2"], 4, 128, 8, calib, lim)
-    decode = rank_collectives(llama8b, shift["TP2xSHIFT2"], 0, tokens=4, logit_rows=4, itemsize=2)
-    assert p.phases["decode"].collectives == len(decode) == 1 + 64 + 1
+    # (asynchronous scheduling, the GPU default: every rank gets the sampled tokens by one broadcast)
+    decode = rank_collectives(llama8b, shift["TP2xSHIFT2"], 0, tokens=4, logit_rows=4, itemsize=2,
+                              sampling=Sampling(share_tokens=True))
+    assert p.phases["decode"].collectives == len(decode) == 1 + 64 + 1 + 1 and decode[-1].op == "broadcast"
     sp = predict(llama8b, Layout(2, sp=2), 4, 128, 8, calib, lim)
-    assert sp.phases["decode"].collectives == 1 + 4 * 32 + 2 and p.tpot_s < sp.tpot_s  # TP mode replays graphs
+    assert sp.phases["decode"].collectives == 1 + 4 * 32 + 2 + 1 and p.tpot_s < sp.tpot_s  # TP mode replays graphs
     ranked = plan(llama8b, 4, Workload(128, 16, batch=1), "latency", Slo(), calib, lim)
     names = [c.prediction.layout.name for c in ranked]
     assert {"SP4", "SHIFT4", "TP2xSHIFT2"} <= set(names) and names.index("SHIFT4") < names.index("SP4")

@@ -18,6 +18,7 @@ from plait.comm.trace import CommTrace, collect
 from plait.config import EngineConfig
 from plait.engine.data_parallel import make_engine
 from plait.plan.check import check_collectives, check_schedule
+from plait.plan.collectives import Sampling
 from plait.plan.shapes import Layout
 from plait.plan.workload import fixed_batch_steps
 from plait.sampling_params import SamplingParams
@@ -69,7 +70,7 @@ def check(trace: CommTrace, engine, args) -> list[str]:
     """The model's predictions against the trace, as lines to print (empty problems list = exact)."""
     layout = Layout.of(engine.cfg)
     itemsize = torch.empty(0, dtype=engine.cfg.torch_dtype()).element_size()
-    compared, bad = check_collectives(trace, engine.model_config, layout, itemsize)
+    compared, bad = check_collectives(trace, engine.model_config, layout, itemsize, Sampling.of(engine.cfg))
     lines = [f"collectives: {compared - len(bad)}/{compared} rank-steps exactly as predicted"]
     lines += [f"  {b}" for b in bad[:5]]
     sched = engine.sched_config

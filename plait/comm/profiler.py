@@ -40,6 +40,7 @@ class StepRecord:
     seqs: int
     logit_rows: int
     chunks: list[tuple[int, int]]
+    samples: int = 0  # sequences that sampled a token (the other logits rows are prompt logprobs)
     start_s: float = 0.0
     duration_s: float = 0.0
     collectives: int = 0
@@ -176,12 +177,14 @@ class CommProfiler:
             if len(self.steps) < self.max_records:
                 self.steps.append(rec)
 
-    def tag(self, chunks: list[tuple[int, int]], prompt_lens: list[int], logit_rows: int) -> None:
-        """What the step in progress ran: (start, new tokens) and prompt length per sequence, and logits rows."""
+    def tag(self, chunks: list[tuple[int, int]], prompt_lens: list[int], logit_rows: int, samples: int) -> None:
+        """What the step in progress ran: (start, new tokens) and prompt length per sequence, logits rows, and how
+        many sequences sampled."""
         rec = self._step
         assert rec is not None, "tag() outside step()"
         rec.phase = step_phase([s for s, _ in chunks], prompt_lens)
         rec.chunks, rec.tokens, rec.seqs, rec.logit_rows = chunks, sum(n for _, n in chunks), len(chunks), logit_rows
+        rec.samples = samples
         for r in self._step_records:
             r.phase = rec.phase
 

@@ -169,8 +169,9 @@ class ModelRunner:
             return self._execute(plan)
         with self.profiler.step():
             result = self._execute(plan)
+            rows, sample_rows, _ = self._logit_rows(plan)
             self.profiler.tag([(s.start, len(s.token_ids)) for s in plan.seqs],
-                              [self.mirrors[s.seq_id][2] for s in plan.seqs], len(self._logit_rows(plan)[0]))
+                              [self.mirrors[s.seq_id][2] for s in plan.seqs], len(rows), len(sample_rows))
         return result
 
     @torch.inference_mode()

@@ -116,9 +116,11 @@ class Calibration:
 
     def collective_time(self, op: str, nbytes: float, group: int, graph: bool) -> float:
         """Seconds of one collective as the engine would run it. nbytes: all-reduce buffer, all-gather output,
-        send/recv message."""
+        broadcast or send/recv message."""
         if group < 2:
             return 0.0
+        if op == "broadcast":  # not calibrated; its messages (a step's token ids) are small: one latency, as an
+            op = "all_gather"  # all-gather's of the same output
         impl, mode = self.choose(op, nbytes, graph)
         curve, a, b, _ = self.curve(op, impl, mode, group)
         t = curve.time(nbytes)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from plait.comm.trace import CommTrace
 from plait.config import ModelConfig
-from plait.plan.collectives import rank_collectives
+from plait.plan.collectives import Sampling, rank_collectives
 from plait.plan.shapes import Layout
 from plait.plan.workload import StepShape
 
@@ -34,7 +34,8 @@ class Mismatch:
                 f"{self.predicted[first:first + 1]} vs {self.recorded[first:first + 1]}")
 
 
-def check_collectives(trace: CommTrace, m: ModelConfig, layout: Layout, itemsize: int) -> tuple[int, list[Mismatch]]:
+def check_collectives(trace: CommTrace, m: ModelConfig, layout: Layout, itemsize: int,
+                      sampling: Sampling = Sampling()) -> tuple[int, list[Mismatch]]:
     """(steps compared, mismatches). A trace that dropped records past its cap cannot be checked."""
     if any(rt.dropped_records for rt in trace.ranks):
         raise ValueError("the trace dropped records past the profiler's cap: profile a shorter run to check it")
@@ -44,7 +45,8 @@ def check_collectives(trace: CommTrace, m: ModelConfig, layout: Layout, itemsize
         for r in rt.records:
             by_step.setdefault(r.step, []).append((r.op, r.bytes, r.layer, r.peer))
         for s in rt.steps:
-            predicted = [c.key() for c in rank_collectives(m, layout, rt.rank, s.tokens, s.logit_rows, itemsize)]
+            predicted = [c.key() for c in rank_collectives(m, layout, rt.rank, s.tokens, s.logit_rows, itemsize,
+                                                           s.samples, sampling)]
             recorded = by_step.get(s.step, [])
             compared += 1
             if predicted != recorded:

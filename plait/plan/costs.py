@@ -17,7 +17,7 @@ Launch cost: replayed from a CUDA graph (decode steps, and short steps with prom
 non-GEMM kernels cost a per-layer constant on the GPU. Eagerly, the CPU issues every kernel, a floor the GPU work
 may hide: per layer, per prompt attended by flash (the loop over prompts runs in Python), and per collective
 (staging, the symmetric-memory op). Validation records from engines before the one-launch path (every all-new step
-went prompt by prompt) are priced as this engine would run them.
+went prompt by prompt) are priced as their engine ran them (`StepShape.one_launch`).
 Memory follows the model runner's own sizing (`ModelRunner.num_kv_blocks`).
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ from plait.engine.cuda_graph import (decode_splits, graph_output_bytes, graph_to
                                      prefill_graph_tokens)
 from plait.layers.attention import prefill_block_m
 from plait.plan.calibration import Calibration
-from plait.plan.collectives import Collective, rank_collectives
+from plait.plan.collectives import Collective, Sampling, rank_collectives
 from plait.plan.shapes import Layout, RankShard, rank_shard, sequence_shards
 from plait.plan.workload import StepShape
 
@@ -122,7 +122,7 @@ class StageTime:
     """One step on one pipeline stage (its slowest tensor rank)."""
 
     compute_s: float
-    comm_s: float  # collectives inside the stage (TP all-reduces and all-gather), GPU time
+    comm_s: float  # collectives inside the stage (all-reduces, all-gathers, all-to-alls, the tokens' broadcast), GPU time
     p2p_s: float  # receiving this stage's input from the stage before
     overhead_s: float  # non-GEMM kernels replayed in a graph
     cpu_s: float  # eager: the CPU's time to issue the step's kernels, from the plan's arrival (0 in a graph)
@@ -176,15 +176,15 @@ def rank_compute_s(m: ModelConfig, layout: Layout, rank: int, shape: StepShape, 
 
 
 def stage_time(m: ModelConfig, layout: Layout, stage: int, shape: StepShape, calib: Calibration, itemsize: int,
-               graph: bool) -> StageTime:
+               graph: bool, sampling: Sampling = Sampling()) -> StageTime:
     width = layout.tp * layout.sp  # the ranks of one stage
     ranks = range(stage * width, (stage + 1) * width)
     times = {r: rank_compute_s(m, layout, r, shape, calib, itemsize, graph) for r in ranks}
     rank = max(times, key=times.get)  # the slowest rank sets the stage's pace
     compute = times[rank]
     layers = len(rank_shard(m, layout, rank).layers)
-    coll = rank_collectives(m, layout, rank, shape.tokens, shape.logit_rows, itemsize)
-    inside = [c for c in coll if c.op in ("all_reduce", "all_gather", "all_to_all")]
+    coll = rank_collectives(m, layout, rank, shape.tokens, shape.logit_rows, itemsize, shape.samples, sampling)
+    inside = [c for c in coll if c.op not in ("send", "recv")]
     comm = sum(calib.collective_time(c.op, c.wire_bytes, c.group_size, graph) + calib.sync_per_collective_s for c in inside)
     # The two tensors of a boundary (hidden, residual) travel back to back: one message each.
     p2p = sum(calib.collective_time("send_recv", c.wire_bytes, 2, False) for c in coll if c.op == "recv")

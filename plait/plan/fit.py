@@ -54,7 +54,7 @@ def measured_points(data: dict, configs: tuple[str, ...] | None = None) -> list[
     for name, cfg in data["configs"].items():
         if configs is not None and name not in configs:
             continue
-        lim = EngineLimits.recorded(cfg["engine"])
+        lim = EngineLimits.recorded(cfg["engine"], cfg.get("features"))
         out += [Measured(name, Layout(cfg["tp"], cfg["pp"]), p["batch"], p["input_len"], p["output_len"],
                          p["ttft_ms"] / 1e3, p["tpot_ms"] / 1e3, lim) for p in cfg["points"]]
     return out

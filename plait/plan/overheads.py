@@ -74,7 +74,9 @@ def _measure(model: str, tp: int, device: str, itemsize: int) -> list[tuple[int,
     from plait.config import EngineConfig
     from plait.engine.engine import LLMEngine
 
+    # synchronous scheduling: the residuals are fitted as host + GPU overheads added to each step (module doc)
     cfg = EngineConfig(model=model, load_format="dummy", device=device, dtype="bfloat16" if itemsize == 2 else "float32",
+                       async_scheduling=False,
                        tensor_parallel_size=tp, max_model_len=INPUT_LEN + OUTPUT_LEN + 16, max_num_seqs=max(BATCHES),
                        max_num_batched_tokens=max(BATCHES) * INPUT_LEN,
                        enable_prefix_caching=False)  # every batch computes its prompts: the model prices no cache hits
@@ -93,7 +95,7 @@ def fit_overheads(calib: Calibration, model: str | None, world: int) -> Calibrat
     itemsize = 2 if calib.device == "cuda" else 4
     zero = dataclasses.replace(calib, host_step_s=0.0, host_per_seq_s=0.0, graph_layer_s=0.0, eager_layer_s=0.0,
                                sync_per_collective_s=0.0)
-    lim = EngineLimits(max(BATCHES) * INPUT_LEN, max(BATCHES), itemsize)
+    lim = EngineLimits(max(BATCHES) * INPUT_LEN, max(BATCHES), itemsize, async_scheduling=False)
     points = []
     with tempfile.TemporaryDirectory() as tmp:
         full = load_model_config(model).num_layers

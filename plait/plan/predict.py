@@ -1,14 +1,21 @@
 """Predicted figures of one configuration on one workload: the engine's step loop replayed on modeled step times.
 
 The batch becomes steps (`workload.fixed_batch_steps`); each step's time on each pipeline stage comes from
-`costs.stage_time`; then the driver loop is replayed as `LLMEngine.step` runs it: submit a plan for every idle
-micro-batch, wait for the oldest, pay the host's per-step work, repeat. Each stage runs its plans in order, so
-a plan waits for its stage to be free: that is the pipeline bubble, (p - 1) / (m + p - 1) of a run of m
-micro-batches over p stages, here played out step by step. Eager steps also wait for the CPU: each stage's CPU
-issues its kernels from the moment the plan is submitted (all stages at once), so a stage finishes no sooner than
-its CPU does; that is how short eager pipeline steps run faster than one GPU's eager step. Data-parallel replicas run side by side on their
-share of the batch. TTFT, TPOT and throughput are measured on the replayed timeline the way
-`plait bench latency` measures the real one.
+`costs.stage_time`; then the driver loop is replayed as `LLMEngine.step` runs it: submit a plan for every
+micro-batch with room in flight, wait for the oldest, pay the host's per-step work, repeat.
+
+Synchronously a micro-batch has one plan in flight, so the host's work adds to every step. With asynchronous
+scheduling (one stage) it has two: plan N+1 is queued on the GPU before the host waits for plan N, so the host's
+work on N's tokens runs while the GPU runs N+1, and a step takes the longer of the two (TPOT = max(GPU step, host
+step)). A token still reaches the host when its own step is collected, so TTFT pays the host once, as
+synchronously.
+
+Each stage runs its plans in order, so a plan waits for its stage to be free: that is the pipeline bubble,
+(p - 1) / (m + p - 1) of a run of m micro-batches over p stages, here played out step by step. Eager steps also
+wait for the CPU: each stage's CPU issues its kernels from the moment the plan is submitted (all stages at once),
+so a stage finishes no sooner than its CPU does; that is how short eager pipeline steps run faster than one GPU's
+eager step. Data-parallel replicas run side by side on their share of the batch. TTFT, TPOT and throughput are
+measured on the replayed timeline the way `plait bench latency` measures the real one.
 """
 
 from __future__ import annotations
@@ -19,17 +26,23 @@ from dataclasses import dataclass, field
 
 from plait.config import ModelConfig
 from plait.plan.calibration import Calibration
-from plait.plan.collectives import Collective, rank_collectives
+from plait.plan.collectives import Collective, Sampling, rank_collectives
 from plait.plan.costs import Memory, rank_memory, stage_time, uses_graph
 from plait.plan.shapes import Layout
 from plait.plan.workload import StepShape, fixed_batch_steps
 
 
+# Engine features the model prices that no EngineConfig field names: a validation record lists the ones its engine
+# had (benchmarks/comm_validate.py), so that it is priced with the engine that made it.
+FEATURES = ("layout_graphs", "mixed_graphs", "one_launch_prompts")
+
+
 @dataclass(frozen=True)
 class EngineLimits:
-    """The engine settings that shape the steps (EngineConfig fields of the same names, but `itemsize`, and
-    `layout_graphs` and `mixed_graphs`, which say whether the engine had decode graphs for pipeline stages and
-    sequence-parallel mode, and graphs for mixed steps: records made before they existed did not)."""
+    """The engine settings that shape the steps (EngineConfig fields of the same names, but `itemsize` and the
+    FEATURES: `layout_graphs` and `mixed_graphs` say whether the engine had decode graphs for pipeline stages and
+    sequence-parallel mode, and graphs for mixed steps; `one_launch_prompts` whether it attended several short new
+    prompts in one launch (commit 28ed6e2). Records made before a feature existed were made without it.)"""
 
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 64
@@ -41,17 +54,44 @@ class EngineLimits:
     max_prefill_graph_tokens: int = 512
     layout_graphs: bool = True  # decode steps of a pipeline stage and in SP mode replay from graphs
     mixed_graphs: bool = True  # steps of several sequences with prompt tokens replay from graphs
+    one_launch_prompts: bool = True  # several short new prompts attend in one launch (else prompt by prompt)
+    async_scheduling: bool | None = None  # None: as the engine resolves it, on with a GPU and one pipeline stage
+    sampling_parallel: bool = False
+
+    def features(self) -> dict[str, bool]:
+        """What a validation record stores beside its EngineConfig (`recorded` reads it back)."""
+        return {name: getattr(self, name) for name in FEATURES}
 
     @classmethod
-    def recorded(cls, eng: dict) -> "EngineLimits":
-        """The limits of an engine recorded as `dataclasses.asdict(EngineConfig)` (benchmarks/comm_validate.py). A
-        record without max_prefill_graph_tokens comes from an engine before prefill graphs and pipeline decode graphs
-        existed: it ran those steps eagerly. No record was made between that engine and the one with SP-mode decode
-        graphs and mixed graphs, so the same mark stands for them."""
+    def recorded(cls, eng: dict, features: dict[str, bool] | None = None) -> "EngineLimits":
+        """The limits of an engine recorded as `dataclasses.asdict(EngineConfig)` and `features()`
+        (benchmarks/comm_validate.py); a feature the record does not list, its engine did not have. Records written
+        before features were recorded: one without max_prefill_graph_tokens comes from an engine before prefill
+        graphs and pipeline decode graphs (no record was made between that engine and the one with SP-mode decode
+        graphs and mixed graphs, so the same mark stands for them); none has one-launch attention (the last of them
+        was made at dc8ffd5, before 28ed6e2). Before the async_scheduling field, scheduling was synchronous."""
         new = "max_prefill_graph_tokens" in eng
+        if features is None:
+            features = {"layout_graphs": new, "mixed_graphs": new}
         return cls(eng["max_num_batched_tokens"], eng["max_num_seqs"], 4 if eng["dtype"] == "float32" else 2,
-                   max_prefill_graph_tokens=eng["max_prefill_graph_tokens"] if new else 0, layout_graphs=new,
-                   mixed_graphs=new)
+                   max_prefill_graph_tokens=eng["max_prefill_graph_tokens"] if new else 0,
+                   async_scheduling=eng.get("async_scheduling", False),
+                   sampling_parallel=eng.get("sampling_parallel", False),
+                   **{name: bool(features.get(name, False)) for name in FEATURES})
+
+    def resolved_async_scheduling(self, calib: Calibration, layout: Layout) -> bool:
+        """As `EngineConfig.resolved_async_scheduling`: by default on with a GPU and one pipeline stage."""
+        if self.async_scheduling is None:
+            return calib.device == "cuda" and layout.pp == 1
+        return self.async_scheduling
+
+    def sampling(self, calib: Calibration, layout: Layout) -> Sampling:
+        return Sampling(self.sampling_parallel, self.resolved_async_scheduling(calib, layout))
+
+    def steps(self, layout: Layout, batch: int, input_len: int, output_len: int) -> list[list[StepShape]]:
+        """The steps of one replica's `batch` sequences, per micro-batch, as this engine schedules and attends them."""
+        return fixed_batch_steps(batch, input_len, output_len, self.max_num_batched_tokens, self.max_num_seqs,
+                                 layout.pp, self.prompt_logprobs, self.one_launch_prompts)
 
 
 @dataclass
@@ -120,43 +160,47 @@ class _Timeline:
 
 def _replay(m: ModelConfig, layout: Layout, mb_steps: list[list[StepShape]], calib: Calibration, lim: EngineLimits,
             output_len: int) -> _Timeline:
-    """The engine loop on modeled times: one plan in flight per micro-batch; stages run plans first come first served."""
+    """The engine loop on modeled times: one plan in flight per micro-batch, two with asynchronous scheduling
+    (module doc); stages run plans first come first served. A phase's step time is how long each of its steps held
+    the GPU path (from its submission, or from the end of the plan ahead of it), plus, synchronously, the host."""
+    depth = 2 if lim.resolved_async_scheduling(calib, layout) else 1
+    sampling = lim.sampling(calib, layout)
     stage_free = [0.0] * layout.pp  # when each stage's GPU finishes what it was given
     cpu_free = [0.0] * layout.pp  # and its CPU, issuing eager steps
     nxt = [0] * len(mb_steps)
-    flight: deque[tuple[int, StepShape, float, float]] = deque()
+    flight: deque[tuple[int, StepShape, float]] = deque()  # (micro-batch, step, when its last stage is done)
     t, firsts, first_sum, finish_sum = 0.0, 0, 0.0, 0.0
     batch = sum(sum(s.first_tokens for s in steps) for steps in mb_steps)
     out = _Timeline()
     while True:
-        busy = {j for j, *_ in flight}
         for j, steps in enumerate(mb_steps):
-            if j in busy or nxt[j] >= len(steps):
-                continue
-            shape = steps[nxt[j]]
-            nxt[j] += 1
-            graph = uses_graph(calib, layout, shape, lim)
-            arrive, comm = t, 0.0
-            ph = out.phases.setdefault(shape.phase, PhaseComm())
-            ph.steps += 1
-            for s in range(layout.pp):
-                # Every stage gets the plan at once: its CPU issues while earlier stages compute; its GPU starts
-                # when its input arrives, and finishes no sooner than its CPU has issued the last kernel.
-                st = stage_time(m, layout, s, shape, calib, lim.itemsize, graph)
-                issued = cpu_free[s] = max(t, cpu_free[s]) + st.cpu_s
-                arrive = stage_free[s] = max(max(arrive, stage_free[s]) + st.gpu_s, issued)
-                comm += st.comm_s + st.p2p_s
-                ph.collectives += len(st.collectives) / layout.pp
-                ph.bytes += sum(c.bytes for c in st.collectives) / layout.pp
-            flight.append((j, shape, arrive, comm))
-            ph.comm_s += comm
-            ph.step_s += arrive - t
+            while sum(i == j for i, *_ in flight) < depth and nxt[j] < len(steps):
+                shape = steps[nxt[j]]
+                nxt[j] += 1
+                graph = uses_graph(calib, layout, shape, lim)
+                begin = max([t] + [done for i, _, done in flight if i == j])
+                arrive, comm = t, 0.0
+                ph = out.phases.setdefault(shape.phase, PhaseComm())
+                ph.steps += 1
+                for s in range(layout.pp):
+                    # Every stage gets the plan at once: its CPU issues while earlier stages compute; its GPU starts
+                    # when its input arrives, and finishes no sooner than its CPU has issued the last kernel.
+                    st = stage_time(m, layout, s, shape, calib, lim.itemsize, graph, sampling)
+                    issued = cpu_free[s] = max(t, cpu_free[s]) + st.cpu_s
+                    arrive = stage_free[s] = max(max(arrive, stage_free[s]) + st.gpu_s, issued)
+                    comm += st.comm_s + st.p2p_s
+                    ph.collectives += len(st.collectives) / layout.pp
+                    ph.bytes += sum(c.bytes for c in st.collectives) / layout.pp
+                flight.append((j, shape, arrive))
+                ph.comm_s += comm
+                ph.step_s += arrive - begin
         if not flight:
             break
-        _, shape, done, _ = flight.popleft()
+        _, shape, done = flight.popleft()
         host = calib.host_step_s + calib.host_per_seq_s * shape.seqs
-        t = max(t, done) + host
-        out.phases[shape.phase].step_s += host
+        t = max(t, done) + host  # the step's tokens reach the host, which then plans the next
+        if depth == 1:
+            out.phases[shape.phase].step_s += host
         firsts += shape.first_tokens
         first_sum += shape.first_tokens * t
         finish_sum += shape.finished * t
@@ -183,8 +227,7 @@ def predict(m: ModelConfig, layout: Layout, batch: int, input_len: int, output_l
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     per_replica = math.ceil(batch / layout.dp)  # the fullest replica sets the pace
-    mb = fixed_batch_steps(per_replica, input_len, output_len, lim.max_num_batched_tokens, lim.max_num_seqs,
-                           layout.pp, lim.prompt_logprobs)
+    mb = lim.steps(layout, per_replica, input_len, output_len)
     tl = _replay(m, layout, mb, calib, lim, output_len)
     graphs = calib.device == "cuda" and not lim.enforce_eager
     mem = rank_memory(m, layout, calib, lim.itemsize, lim.max_num_batched_tokens, lim.gpu_memory_utilization,
@@ -194,8 +237,8 @@ def predict(m: ModelConfig, layout: Layout, batch: int, input_len: int, output_l
     return Prediction(
         layout, batch, input_len, output_len, tl.ttft_s, tl.tpot_s, tl.total_s, mem,
         min(kv_batch(mem, input_len, output_len, lim.block_size), seqs), seqs, tl.phases,
-        rank_collectives(m, layout, 0, first.tokens, first.logit_rows, lim.itemsize),
-        rank_collectives(m, layout, 0, last.tokens, last.logit_rows, lim.itemsize),
+        *(rank_collectives(m, layout, 0, s.tokens, s.logit_rows, lim.itemsize, s.samples, lim.sampling(calib, layout))
+          for s in (first, last)),
     )
 
 
@@ -213,13 +256,14 @@ def comm_totals(m: ModelConfig, layout: Layout, batch: int, input_len: int, outp
     the profiler sums its records. send / recv are priced as transfers; a profiled recv also waits for the stage
     before it, so only the other ops compare like for like."""
     per_replica = math.ceil(batch / layout.dp)
+    sampling = lim.sampling(calib, layout)
     out: dict[str, dict[str, float]] = {}
-    for steps in fixed_batch_steps(per_replica, input_len, output_len, lim.max_num_batched_tokens, lim.max_num_seqs,
-                                   layout.pp, lim.prompt_logprobs):
+    for steps in lim.steps(layout, per_replica, input_len, output_len):
         for shape in steps:
             graph = uses_graph(calib, layout, shape, lim)
             for rank in range(layout.replica):
-                for c in rank_collectives(m, layout, rank, shape.tokens, shape.logit_rows, lim.itemsize):
+                for c in rank_collectives(m, layout, rank, shape.tokens, shape.logit_rows, lim.itemsize, shape.samples,
+                                          sampling):
                     op = out.setdefault(c.op, {"n": 0.0, "bytes": 0.0, "s": 0.0})
                     op["n"] += 1 / layout.replica
                     op["bytes"] += c.bytes / layout.replica

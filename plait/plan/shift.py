@@ -84,7 +84,7 @@ def mode_step_s(m: ModelConfig, sp: int, tp: int, tokens: int, calib: Calibratio
     layout = Layout(tp, sp=sp, shift_threshold=tokens if tp_mode else None)
     shape = probe_shape(tokens, lim.max_num_seqs)
     graph = uses_graph(calib, layout, shape, lim)
-    return stage_time(m, layout, 0, shape, calib, lim.itemsize, graph).total_s
+    return stage_time(m, layout, 0, shape, calib, lim.itemsize, graph, lim.sampling(calib, layout)).total_s
 
 
 def choose_threshold(m: ModelConfig, model_name: str | None, sp: int, tp: int, calib: Calibration,
@@ -116,7 +116,8 @@ def resolve_threshold(cfg: EngineConfig, m: ModelConfig, model_name: str, budget
             f"for this machine)")
     calib = Calibration.load(cfg.calibration)
     lim = EngineLimits(budget, cfg.max_num_seqs, itemsize, cfg.enforce_eager,
-                       max_prefill_graph_tokens=cfg.max_prefill_graph_tokens)
+                       max_prefill_graph_tokens=cfg.max_prefill_graph_tokens, async_scheduling=cfg.async_scheduling,
+                       sampling_parallel=cfg.sampling_parallel)
     sp, tp = cfg.sequence_parallel_size, cfg.tensor_parallel_size
     choice = choose_threshold(m, model_name, sp, tp, calib, lim)
     return cfg.replace(shift_threshold=choice.threshold), choice.message(Layout(tp, sp=sp))

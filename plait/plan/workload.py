@@ -21,13 +21,18 @@ from plait.layers.attention import attends_prompt_by_prompt
 @dataclass(frozen=True)
 class StepShape:
     """One plan as the ranks run it. chunks: (start position, new tokens) per sequence. first_tokens / finished:
-    how many sequences got their first output token / their last in this step (for TTFT and TPOT)."""
+    how many sequences got their first output token / their last in this step (for TTFT and TPOT). prompt_rows:
+    the logits rows of prompt logprobs; the other logits rows are the sampled sequences'.
+    one_launch: the engine attends several short new prompts in one launch (`attends_prompt_by_prompt`); engines
+    before commit 28ed6e2 attended every all-new step prompt by prompt (`EngineLimits.one_launch_prompts`)."""
 
     chunks: tuple[tuple[int, int], ...]
     logit_rows: int
     phase: str
     first_tokens: int = 0
     finished: int = 0
+    prompt_rows: int = 0
+    one_launch: bool = True
 
     @property
     def tokens(self) -> int:
@@ -36,6 +41,11 @@ class StepShape:
     @property
     def seqs(self) -> int:
         return len(self.chunks)
+
+    @property
+    def samples(self) -> int:
+        """Sequences that sample a token in this step."""
+        return self.logit_rows - self.prompt_rows
 
     @property
     def context_tokens(self) -> int:
@@ -51,6 +61,8 @@ class StepShape:
     def prompt_by_prompt(self) -> bool:
         """Whole new prompts that the model runner attends one by one with flash attention (one prompt, or long
         ones); several short ones go to the paged prefill kernel in one launch (`attends_prompt_by_prompt`)."""
+        if not self.one_launch:
+            return self.fresh
         return attends_prompt_by_prompt([n for _, n in self.chunks], [s + n for s, n in self.chunks])
 
     @property
@@ -86,7 +98,7 @@ def _schedule(running: list[_Seq], waiting: list[_Seq], budget: int, max_num_seq
 
 
 def microbatch_steps(batch: int, input_len: int, output_len: int, budget: int, max_num_seqs: int,
-                     prompt_logprobs: bool = False) -> list[StepShape]:
+                     prompt_logprobs: bool = False, one_launch: bool = True) -> list[StepShape]:
     """Every step of one scheduler given `batch` equal prompts at once, each generating `output_len` tokens."""
     if min(batch, input_len, output_len, budget, max_num_seqs) < 1:
         raise ValueError(f"batch ({batch}), input_len ({input_len}), output_len ({output_len}), budget ({budget}) "
@@ -96,11 +108,11 @@ def microbatch_steps(batch: int, input_len: int, output_len: int, budget: int, m
     steps = []
     while waiting or running:
         picked = _schedule(running, waiting, budget, max_num_seqs)
-        rows = first = done = 0
+        rows = prompt_rows = first = done = 0
         for seq, n in picked:
             start = seq.computed
             if prompt_logprobs and start < seq.prompt_len - 1:
-                rows += min(start + n, seq.prompt_len - 1) - start
+                prompt_rows += min(start + n, seq.prompt_len - 1) - start
             seq.computed = start + n
             if seq.computed == seq.num_tokens:  # sampled: one more token, and maybe done
                 rows += 1
@@ -112,15 +124,16 @@ def microbatch_steps(batch: int, input_len: int, output_len: int, budget: int, m
                     done += 1
         chunks = tuple((seq.computed - n, n) for seq, n in picked)
         phase = step_phase([s for s, _ in chunks], [seq.prompt_len for seq, _ in picked])
-        steps.append(StepShape(chunks, rows, phase, first, done))
+        steps.append(StepShape(chunks, prompt_rows + rows, phase, first, done, prompt_rows, one_launch))
     return steps
 
 
 def fixed_batch_steps(batch: int, input_len: int, output_len: int, budget: int, max_num_seqs: int,
-                      num_microbatches: int = 1, prompt_logprobs: bool = False) -> list[list[StepShape]]:
+                      num_microbatches: int = 1, prompt_logprobs: bool = False,
+                      one_launch: bool = True) -> list[list[StepShape]]:
     """The steps of each micro-batch (one per pipeline stage; requests dealt in turn, as the engine does)."""
     sizes = [len(range(j, batch, num_microbatches)) for j in range(num_microbatches)]
-    return [microbatch_steps(b, input_len, output_len, budget, max_num_seqs, prompt_logprobs) if b else []
+    return [microbatch_steps(b, input_len, output_len, budget, max_num_seqs, prompt_logprobs, one_launch) if b else []
             for b in sizes]
 
 
