@@ -27,7 +27,7 @@ class TrackSlots:
         return [f"{k}.{leaf}" for k in self.tracks]
 
     def slot(self, name: str) -> tuple[int, str]:
-        """ "{k}.{name}" -> (index of track k in the stacked dimension, name)."""
+        """A tensor's name as the model hands it over, "{k}.{name}" -> (track k's index in the stacked dim, name)."""
         track, name = name.split(".", 1)
         return int(track) - self.tracks.start, name
 
