@@ -8,6 +8,10 @@ all-reduce latency of one token's hidden state, and the syncs per forward (dense
 
     python3 benchmarks/pt_speed.py run pt-llama3-8b-t4-d4 --tp 4 --output-json out/pt_speed_pt-d4.json
     python3 benchmarks/pt_speed.py report out --output-json benchmarks/results/pt_speed.json
+
+On one GPU (`--tp 1`) a PT preset runs its 4 tracks side by side on the rank (batched GEMMs), so a dense run of the
+same parameter count at `--tp 1` shows what running narrow tracks as grouped GEMMs costs against one wide model.
+`--smoke` shrinks every figure (lengths / 64, at most 4 requests) to check the path on CPU with a tiny model folder.
 """
 
 from __future__ import annotations
@@ -68,35 +72,48 @@ def throughput(engine: LLMEngine, num_prompts: int, input_len: int, output_len: 
 
 def syncs_per_forward(engine: LLMEngine) -> int:
     """Collectives of one forward on tp ranks: the embedding's all-reduce and the LM head's gather, plus 2 per layer
-    (TP) or one per block (PT, one track per rank)."""
+    (TP) or one per block (PT, one track per rank); none on one rank."""
     m = engine.model_config
+    if engine.cfg.tensor_parallel_size == 1:
+        return 0
     return 2 + (m.num_layers // m.tracks.block_depth if m.tracks else 2 * m.num_layers)
+
+
+def figures(smoke: bool) -> tuple[list, list]:
+    """(LATENCY, THROUGHPUT), or both shrunk for a smoke run: lengths / 64 (outputs / 8), at most 4 requests."""
+    if not smoke:
+        return LATENCY, THROUGHPUT
+    latency_ = [(n, min(b, 4), max(i // 64, 2), max(o // 8, 1), 1) for n, b, i, o, _ in LATENCY]
+    return latency_, [(n, i // 64, o // 64) for n, i, o in THROUGHPUT]
 
 
 def run(args: argparse.Namespace) -> dict:
     """Every figure of one model; the JSON is rewritten after each, so a run cut by its time limit keeps the rest."""
-    cfg = EngineConfig(model=args.model, tensor_parallel_size=args.tp, dtype="bfloat16", device=args.device,
-                       load_format="dummy", max_model_len=8192 + 64, max_num_seqs=64, max_num_batched_tokens=8192)
+    lat, thr = figures(args.smoke)
+    longest = max([i for _, _, i, _, _ in lat] + [i for _, i, _ in thr])  # the longest prompt, outputs fit in 64 more
+    cfg = EngineConfig(model=args.model, tensor_parallel_size=args.tp, dtype=args.dtype, device=args.device,
+                       load_format="dummy", max_model_len=longest + 64, max_num_seqs=64, max_num_batched_tokens=8192)
     started = time.perf_counter()
     engine = LLMEngine(cfg)
     m = engine.model_config
     result = {"benchmark": "pt_speed", "label": args.label, "model": args.model, "tensor_parallel_size": args.tp,
               "startup_s": time.perf_counter() - started, "syncs_per_forward": syncs_per_forward(engine),
               "model_shape": {k: getattr(m, k) for k in ("hidden_size", "num_layers", "num_heads")},
-              "tracks": dataclasses.asdict(m.tracks) if m.tracks else None}
+              "tracks": dataclasses.asdict(m.tracks) if m.tracks else None, "smoke": args.smoke}
     try:
         if args.tp > 1:
             result["all_reduce_us"] = engine.executor.call("all_reduce_latency")[0] * 1e6
             result["sync_ms_per_forward_floor"] = result["syncs_per_forward"] * result["all_reduce_us"] / 1e3
             engine.executor.call("step_times")
-        for name, batch, input_len, output_len, iters in LATENCY:
+        for name, batch, input_len, output_len, iters in lat:
             result[name] = latency(engine, batch, input_len, output_len, iters)
             if name == "tpot_bs1" and args.tp > 1:  # time inside each rank's execute; the rest is the driver and IPC
                 times = engine.executor.call("step_times")
                 result["rank_execute_ms_bs1"] = [t.execute_s / max(t.steps, 1) * 1e3 for t in times]
             _save(result, name, args.output_json)
-        for name, input_len, output_len in THROUGHPUT:
-            result[name] = throughput(engine, args.num_prompts, input_len, output_len)
+        for name, input_len, output_len in thr:
+            result[name] = throughput(engine, min(args.num_prompts, 4) if args.smoke else args.num_prompts, input_len,
+                                      output_len)
             _save(result, name, args.output_json)
     finally:
         engine.shutdown()
@@ -158,6 +175,8 @@ def main() -> None:
     r.add_argument("--label", required=True, help="dense, pt-d1, pt-d2, pt-d4, pt-d8")
     r.add_argument("--num-prompts", type=int, default=64, help="requests of each throughput run")
     r.add_argument("--device", default="cuda")
+    r.add_argument("--dtype", default="bfloat16")
+    r.add_argument("--smoke", action="store_true", help="every figure shrunk: a quick check of the path (CPU)")
     r.add_argument("--output-json", required=True)
     rep = sub.add_parser("report", help="ratios against the dense run and the targets at D=4")
     rep.add_argument("folder")

@@ -27,8 +27,24 @@ def test_rms_norm_with_and_without_residual():
     torch.testing.assert_close(fused.rms_norm(x.to(DEVICE), norm.weight.to(DEVICE), 1e-6).cpu(), norm(x), atol=1e-5, rtol=1e-5)
 
 
-def test_silu_mul():
-    x = torch.randn(3, 2 * 1500, generator=torch.Generator().manual_seed(1))
+@pytest.mark.parametrize("x_shape,w_shape", [((3, 5, 72), (3, 1, 72)), ((5, 3, 2, 72), (3, 1, 72))])
+def test_rms_norm_with_a_weight_per_track(x_shape, w_shape):
+    """Grouped Parallel Track layers: one weight per track, broadcast over the tokens ([tracks, T, N]) or over each
+    track's heads ([T, tracks, heads, N]); the kernel picks each row's weight as the broadcast does."""
+    g = torch.Generator().manual_seed(3)
+    x, r = torch.randn(*x_shape, generator=g), torch.randn(*x_shape, generator=g)
+    norm = RMSNorm(w_shape, 1e-6)
+    norm.weight.data = torch.rand(*w_shape, generator=g) + 0.5
+    ref_out, ref_res = norm(x, r.clone())
+    res = r.clone().to(DEVICE)
+    torch.testing.assert_close(fused.rms_norm(x.to(DEVICE), norm.weight.to(DEVICE), 1e-6, res).cpu(), ref_out,
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(res.cpu(), ref_res)
+
+
+@pytest.mark.parametrize("shape", [(3, 2 * 1500), (2, 3, 2 * 40)])
+def test_silu_mul(shape):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
     gate, up = x.chunk(2, dim=-1)
     torch.testing.assert_close(fused.silu_mul(x.to(DEVICE)).cpu(), torch.nn.functional.silu(gate) * up, atol=1e-5, rtol=1e-5)
 

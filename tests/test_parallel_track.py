@@ -20,6 +20,8 @@ from plait.comm.communicator import Communicator
 from plait.config import ParallelConfig
 from plait.executor.executor import free_port
 from plait.layers.attention import AttentionMetadata
+from plait.layers.grouped import GroupedHeadNorm
+from plait.layers.norm import RMSNorm
 from plait.models.loader import iter_weights, load_hf_config, resolve_model
 from plait.models.presets import preset_config
 from plait.models.registry import build_model, model_config_from_hf
@@ -70,11 +72,12 @@ def reference(model: PTModel, prompt: list[int], max_tokens: int):
     return ids[n:], logprobs[torch.arange(n - 1, len(ids) - 1), ids[n:]], logprobs[torch.arange(n - 1), prompt[1:]]
 
 
-@pytest.mark.parametrize("name,ranks,budget", [("t2", 1, None), ("t2", 2, 16), ("t2", 4, None), ("t4", 2, None),
-                                               ("t4", 3, 16)])
+@pytest.mark.parametrize("name,ranks,budget", [("t2", 1, None), ("t4", 1, 16), ("t2", 2, 16), ("t2", 4, None),
+                                               ("t4", 2, None), ("t4", 3, 16)])
 def test_pt_matches_the_reference(pt_models, name, ranks, budget):
-    """1 rank: all tracks; 2 ranks of t2: a track each; 4 ranks of t2: each track tensor-parallel over 2; t4 on 2
-    and 3 ranks: several tracks per rank (2+2, 2+1+1). A budget of 16 tokens chunks the prompts' prefill."""
+    """1 rank: all tracks (2 or 4 side by side); 2 ranks of t2: a track each; 4 ranks of t2: each track
+    tensor-parallel over 2; t4 on 2 and 3 ranks: several tracks per rank (2+2, 2+1+1). A budget of 16 tokens
+    chunks the prompts' prefill."""
     folder, model = pt_models[name]
     prompts = random_prompts(4, lo=3, hi=30, seed=ranks)
     llm = LLM(folder, tensor_parallel_size=ranks, dtype="float32", device="cpu", max_model_len=64,
@@ -156,6 +159,21 @@ def test_a_forward_runs_one_all_reduce_per_block(pt_models):
         assert calls == [(c.op, c.bytes, c.group_size) for c in predicted], f"rank {rank}, {folder}"
         ref = dict((f, m) for f, m in pt_models.values())[folder]
         torch.testing.assert_close(logits, ref(torch.tensor([ids]))[0].detach(), atol=1e-4, rtol=0)
+
+
+def test_grouped_head_norm_gives_each_track_its_own_weights():
+    """Qwen3's q/k norm over the local tracks' heads side by side (track-major): each track's heads take its weight."""
+    tracks, heads, D = range(2, 5), 2, 8
+    norm = GroupedHeadNorm(tracks, D, 1e-6)
+    norm.weight.data = torch.rand(len(tracks), 1, D) + 0.5
+    q = torch.randn(5, len(tracks) * heads, D)
+    one = RMSNorm(D, 1e-6)
+    expected = []
+    for s in range(len(tracks)):
+        one.weight.data = norm.weight.data[s, 0]
+        expected.append(one(q[:, s * heads : (s + 1) * heads]))
+    torch.testing.assert_close(norm(q), torch.cat(expected, dim=1))
+    assert norm.tensor_names("q_norm") == ["2.q_norm", "3.q_norm", "4.q_norm"]
 
 
 def test_layouts():

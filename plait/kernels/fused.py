@@ -7,13 +7,16 @@ reference in `plait.layers` (checked under TRITON_INTERPRET=1 on CPU and on the 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def _rms_norm_kernel(X, R, W, OUT, stride_x, stride_r, stride_o, N, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_kernel(X, R, W, OUT, stride_x, stride_r, stride_o, N, eps, rows_per_w, num_w,
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -23,21 +26,34 @@ def _rms_norm_kernel(X, R, W, OUT, stride_x, stride_r, stride_o, N, eps, HAS_RES
         tl.store(R + row * stride_r + cols, x.to(R.dtype.element_ty), mask=mask)
     x_low = x.to(OUT.dtype.element_ty).to(tl.float32)  # HF rounds the residual sum to the model dtype first
     rstd = tl.rsqrt(tl.sum(x_low * x_low, 0) / N + eps)
-    w = tl.load(W + cols, mask=mask, other=0.0)
+    w = tl.load(W + (row // rows_per_w) % num_w * N + cols, mask=mask, other=0.0)
     y = (x_low * rstd).to(OUT.dtype.element_ty) * w
     tl.store(OUT + row * stride_o + cols, y, mask=mask)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """x: [T, N]. With `residual`, adds x into it in place first (residual becomes x + residual)."""
+    """x: [..., N]; weight: [N], or several weights that broadcast against x along one dimension (one per track of a
+    Parallel Track layer: [tracks, 1, N] against x [tracks, T, N]). With `residual`, adds x into it in place first
+    (residual becomes x + residual)."""
     x2 = x.reshape(-1, x.shape[-1])
     out = torch.empty_like(x2)
     r = residual.view(-1, x.shape[-1]) if residual is not None else x2
     _rms_norm_kernel[(x2.shape[0],)](
-        x2, r, weight, out, x2.stride(0), r.stride(0), out.stride(0), x2.shape[1], eps,
+        x2, r, weight, out, x2.stride(0), r.stride(0), out.stride(0), x2.shape[1], eps, *_weight_rows(x.shape, weight.shape),
         HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(x2.shape[1]),
     )
     return out.view(x.shape)
+
+
+def _weight_rows(x_shape: torch.Size, w_shape: torch.Size) -> tuple[int, int]:
+    """(rows of x per weight, number of weights): row r of x flattened to [rows, N] takes weight (r // first) % second.
+    The weight's one dimension of more than one weight is aligned with x's from the right, as broadcasting does."""
+    lead = [(i, n) for i, n in enumerate(w_shape[:-1], start=len(x_shape) - len(w_shape)) if n > 1]
+    assert len(lead) <= 1 and all(x_shape[i] == n for i, n in lead), f"weight {tuple(w_shape)} against {tuple(x_shape)}"
+    if not lead:
+        return 1, 1
+    i, n = lead[0]
+    return max(1, math.prod(x_shape[i + 1 : -1])), n
 
 
 @triton.jit
@@ -52,13 +68,13 @@ def _silu_mul_kernel(X, OUT, stride_x, stride_o, N, BLOCK: tl.constexpr):
 
 
 def silu_mul(x: torch.Tensor) -> torch.Tensor:
-    """x: [T, 2N] = [gate | up] -> silu(gate) * up: [T, N]."""
-    T, two_n = x.shape
-    n = two_n // 2
+    """x: [..., 2N] = [gate | up] -> silu(gate) * up: [..., N]."""
+    x2 = x.reshape(-1, x.shape[-1])
+    T, n = x2.shape[0], x2.shape[1] // 2
     out = torch.empty(T, n, dtype=x.dtype, device=x.device)
     block = 1024
-    _silu_mul_kernel[(T, triton.cdiv(n, block))](x, out, x.stride(0), out.stride(0), n, BLOCK=block)
-    return out
+    _silu_mul_kernel[(T, triton.cdiv(n, block))](x2, out, x2.stride(0), out.stride(0), n, BLOCK=block)
+    return out.view(*x.shape[:-1], n)
 
 
 @triton.jit

@@ -16,9 +16,6 @@ class TrackCombine(nn.Module):
         super().__init__()
         self.num_tracks, self.mode, self.comm = num_tracks, mode, comm
 
-    def forward(self, states: list[torch.Tensor]) -> torch.Tensor:  # each [T, hidden] -> [T, hidden]
-        total = states[0]
-        for state in states[1:]:
-            total = total + state
-        total = self.comm.all_reduce(total)
+    def forward(self, states: torch.Tensor) -> torch.Tensor:  # [local tracks, T, hidden] -> [T, hidden]
+        total = self.comm.all_reduce(states.sum(0))
         return total / self.num_tracks if self.mode == "mean" else total

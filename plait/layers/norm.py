@@ -8,7 +8,9 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int | tuple[int, ...], eps: float):
+        """`dim`: the normalised width, or the weight's shape when it holds several weights that broadcast against x
+        (a grouped norm: one weight per Parallel Track track, plait.layers.grouped)."""
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)

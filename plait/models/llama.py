@@ -13,7 +13,6 @@ from torch import nn
 from plait.config import ModelConfig
 from plait.layers.attention import AttentionMetadata, PagedAttention
 from plait.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from plait.layers.norm import RMSNorm
 from plait.layers.rotary import RotaryEmbedding
 from plait.parallel.tensor import TensorParallel
 
@@ -25,8 +24,8 @@ class Attention(nn.Module):
         heads = plan.heads(H, KV)  # the heads this rank attends with
         self.qkv_proj = plan.qkv_proj(cfg.hidden_size, H, KV, D, cfg.qkv_bias)
         self.heads = plan.head_exchange(H, KV, D)
-        self.q_norm = RMSNorm(D, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(D, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.q_norm = plan.head_norm(D, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = plan.head_norm(D, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.attn = PagedAttention(heads.num_q, heads.num_kv, D, heads.kv_index(), rope)
         self.o_proj = plan.o_proj(H, KV, D, cfg.hidden_size, cfg.o_bias)
 

@@ -2,7 +2,9 @@
 
 Each loadable layer exposes `expected_shape(name, kind)` and `load(name, kind, read)`; `read(dim, start, end)`
 returns only the slice the layer asks for. Every expected tensor must arrive exactly once with the checkpoint's
-full shape, otherwise loading stops with a ValueError naming the tensor.
+full shape, otherwise loading stops with a ValueError naming the tensor. A model whose layers stack several
+checkpoint modules (a Parallel Track model's tracks) says where each goes (`grouped_target`), and those layers name
+the tensors they expect (`tensor_names`).
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ def _target(model: nn.Module, hf_name: str) -> tuple[str, str, str] | None:
     if path == "lm_head" and model.cfg.tie_word_embeddings:
         return None
     *parent, leaf = path.split(".")
-    if leaf in _MERGED:
-        return ".".join([*parent, _MERGED[leaf]]), leaf, kind
-    return path, leaf, kind
+    module = ".".join([*parent, _MERGED[leaf]]) if leaf in _MERGED else path
+    if hasattr(model, "grouped_target"):
+        module, leaf = model.grouped_target(module, leaf)
+    return module, leaf, kind
 
 
 def _held(model: nn.Module, path: str) -> bool:
@@ -51,7 +54,11 @@ def expected_tensors(model: nn.Module) -> set[tuple[str, str, str]]:
     for path, module in model.named_modules():
         if not hasattr(module, "load") or (module is getattr(model, "lm_head", None) and model.cfg.tie_word_embeddings):
             continue
-        names = [s.name for s in module.segments] if hasattr(module, "segments") else [path.rsplit(".", 1)[-1]]
+        leaf = path.rsplit(".", 1)[-1]
+        if hasattr(module, "tensor_names"):
+            names = module.tensor_names(leaf)
+        else:
+            names = [s.name for s in module.segments] if hasattr(module, "segments") else [leaf]
         kinds = ["weight"] + (["bias"] if getattr(module, "bias", None) is not None else [])
         expected |= {(path, n, k) for n in names for k in kinds}
     return expected

@@ -109,6 +109,9 @@ class SequenceParallel:
     def norm(self, dim: int, eps: float) -> RMSNorm:
         return RMSNorm(dim, eps)  # every row-parallel layer reduces its own sum, in either mode
 
+    def head_norm(self, dim: int, eps: float) -> RMSNorm:
+        return RMSNorm(dim, eps)  # after the head exchange every head is whole on the rank that attends with it
+
     def qkv_proj(self, hidden: int, H: int, KV: int, D: int, bias: bool) -> ColumnParallelLinear:
         """The SP peers' q|k|v rows, grouped by peer: the projection's output is already packed per destination."""
         groups = [qkv_segments(tp.heads(H, KV), H, KV, D) for tp in self._tp]

@@ -82,6 +82,10 @@ class TensorParallel:
         """A norm of the residual stream: the one after a row-parallel layer finishes its all-reduce when deferred."""
         return AllReduceRMSNorm(dim, eps, self.comm) if self.defer_reduce else RMSNorm(dim, eps)
 
+    def head_norm(self, dim: int, eps: float) -> RMSNorm:
+        """A per-head norm (Qwen3's q/k norm): every head is whole on its rank, so nothing to reduce."""
+        return RMSNorm(dim, eps)
+
     def qkv_proj(self, hidden: int, H: int, KV: int, D: int, bias: bool) -> ColumnParallelLinear:
         return ColumnParallelLinear(hidden, qkv_segments(self.heads(H, KV), H, KV, D), bias)
 

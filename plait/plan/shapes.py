@@ -133,7 +133,7 @@ def _tensor_part(m: ModelConfig, plan: TensorParallel) -> tuple[int, int, int]:
 
 def _track_part(m: ModelConfig, num_ranks: int, rank: int) -> tuple[int, int, int]:
     """The same for a Parallel Track model over `num_ranks` ranks (parallel/track.py): the rank's tracks, each cut
-    by the tensor-parallel plan inside its track, counted together (they run one after another)."""
+    by the tensor-parallel plan inside its track, counted together (they run side by side, weights stacked)."""
     tracks = TrackLayout(m.tracks.num_tracks, num_ranks)
     t = tracks.ranks_per_track
     q, kv, cols = _tensor_part(dataclasses.replace(m, num_heads=m.tracks.num_heads, num_kv_heads=m.tracks.num_kv_heads,
