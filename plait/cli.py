@@ -12,7 +12,7 @@ import typing
 
 from plait.bench.serve_args import add_bench_serve_args
 from plait.config import EngineConfig
-from plait.executor.executor import RankFailure
+from plait.executor.executor import EngineFailure
 from plait.executor.rendezvous import torchrun_placement
 from plait.sampling_params import SamplingParams
 from plait.server.config import ServerConfig
@@ -217,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # user errors: one clear line, no traceback
         print(f"plait: error: {e}", file=sys.stderr)
         return 2
-    except RankFailure as e:  # a rank died or raised: its number and cause, and every rank is stopped
+    except EngineFailure as e:  # a rank died or raised (its number and cause; every rank is stopped), or the
+        # server's engine process died
         print(f"plait: {e}", file=sys.stderr)
         return 1
 

@@ -335,7 +335,8 @@ def test_tp2_server_then_a_rank_dies(client, tmp_path):
         tp2.wait_healthy()
         answer = openai.OpenAI(base_url=f"{tp2.url}/v1", api_key="none", max_retries=0).completions.create(**kwargs)
         assert answer.choices[0].text == client.completions.create(**kwargs).choices[0].text
-        ranks = rank_pids(tp2.proc.pid)
+        (engine,) = rank_pids(tp2.proc.pid)  # the engine's process, which spawned the ranks
+        ranks = rank_pids(engine)
         assert len(ranks) == 2
         long = {"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True}
 
@@ -363,6 +364,50 @@ def test_tp2_server_then_a_rank_dies(client, tmp_path):
     assert failed in events[-1]["error"]["message"] and rest.rstrip().endswith("data: [DONE]")
     assert code == 1, tp2.log_tail()
     assert "plait: rank 1 exited with code -9 without answering" in tp2.log_tail(), tp2.log_tail()
+
+
+def test_engine_process_dies(tmp_path):
+    """The engine's own process is killed: the request in flight gets the error, and the server exits 1 saying so."""
+    srv = ServerProcess(tmp_path / "engine.log")
+    try:
+        srv.wait_healthy()
+        (engine,) = rank_pids(srv.proc.pid)
+
+        async def run():
+            async with aiohttp.ClientSession() as s:
+                body = {"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True, "stream": True}
+                async with s.post(f"{srv.url}/v1/completions", json=body) as stream:
+                    await stream.content.readline()
+                    os.kill(engine, signal.SIGKILL)
+                    return (await stream.read()).decode()
+
+        rest = asyncio.run(asyncio.wait_for(run(), 60))
+        code = srv.proc.wait(30)
+    finally:
+        srv.stop()
+    events = [json.loads(line[6:]) for line in rest.splitlines() if line.startswith("data: {")]
+    failed = "the engine has failed (EngineProcessDied: the engine process exited with code -9"
+    assert failed in events[-1]["error"]["message"] and rest.rstrip().endswith("data: [DONE]")
+    assert code == 1 and "plait: the engine process exited with code -9" in srv.log_tail(), srv.log_tail()
+
+
+def test_thread_path_streamed_and_not(client, tmp_path):
+    """--disable-frontend-multiprocessing: the step loop in a thread of the HTTP process (no process spawned)
+    answers as the default server does, streamed or not, and drains to exit 0."""
+    kwargs = dict(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0)
+    expected = client.completions.create(**kwargs).choices[0].text
+    srv = ServerProcess(tmp_path / "thread.log", "--disable-frontend-multiprocessing")
+    try:
+        srv.wait_healthy()
+        assert rank_pids(srv.proc.pid) == []
+        thread = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0)
+        assert thread.completions.create(**kwargs).choices[0].text == expected
+        chunks = list(thread.completions.create(**kwargs, stream=True))
+        assert "".join(c.choices[0].text for c in chunks) == expected
+        assert chunks[-1].choices[0].finish_reason == "length"
+    finally:
+        srv.stop()
+    assert srv.proc.returncode == 0, srv.log_tail()
 
 
 def test_sigterm_drains_then_exits_0(server):

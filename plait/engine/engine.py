@@ -45,6 +45,19 @@ def _eos_ids(hf_config, tokenizer) -> set[int]:
     return ids
 
 
+def check_prompt(ids: list[int], max_model_len: int, vocab_size: int) -> None:
+    """A ValueError for a prompt no engine of these limits can take: empty, too long, or out of the vocabulary.
+    Pure, so the server's HTTP process checks prompts with it without holding an engine."""
+    if not ids:
+        raise ValueError("the prompt is empty: give at least one token")
+    if len(ids) >= max_model_len:
+        raise ValueError(f"the prompt has {len(ids)} tokens; max_model_len is {max_model_len}, so it must have at "
+                         f"most {max_model_len - 1}")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+
+
 @dataclass
 class EngineRequest:
     """The step loop's side of a request: its sequences (what users see is the output processor's)."""
@@ -138,15 +151,7 @@ class LLMEngine:
         return request_id
 
     def _check_prompt(self, ids: list[int]) -> None:
-        if not ids:
-            raise ValueError("the prompt is empty: give at least one token")
-        limit = self.sched_config.max_model_len
-        if len(ids) >= limit:
-            raise ValueError(f"the prompt has {len(ids)} tokens; max_model_len is {limit}, so it must have at most {limit - 1}")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        check_prompt(ids, self.sched_config.max_model_len, self.model_config.vocab_size)
 
     def abort_request(self, request_id: str) -> None:
         """Free the request's blocks at once; a plan in flight may still compute it, and its tokens are dropped."""

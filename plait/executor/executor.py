@@ -27,7 +27,11 @@ from plait.executor.rendezvous import driver_store
 from plait.executor.worker import init_group, worker_main
 
 
-class RankFailure(RuntimeError):
+class EngineFailure(RuntimeError):
+    """A process the engine needs died or raised: the CLI prints this one line and exits 1."""
+
+
+class RankFailure(EngineFailure):
     pass
 
 

@@ -60,7 +60,7 @@ def build_app(server: ServerState) -> FastAPI:
     @app.get("/v1/models")
     async def models() -> JSONResponse:
         card = {"id": server.model_name, "object": "model", "created": created, "owned_by": "plait",
-                "root": server.loop.engine.cfg.model or server.model_name, "max_model_len": server.max_model_len}
+                "root": server.loop.info.model or server.model_name, "max_model_len": server.max_model_len}
         return JSONResponse({"object": "list", "data": [card]})
 
     @app.post("/tokenize")

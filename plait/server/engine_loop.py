@@ -1,70 +1,164 @@
-"""The engine thread: one background thread owns the LLMEngine and steps it whenever there is work.
+"""The engine's step loop and the HTTP side's handle on it, wherever the loop runs.
 
-Why a thread: `LLMEngine.step()` blocks for a whole forward pass, and meanwhile the HTTP event loop must keep
-accepting requests and streaming tokens. The engine is not thread-safe, so this thread is the only one that
-touches it: the event loop sends adds and aborts through `inbox` (a thread-safe queue), and each request's
-outputs come back through its `RequestStream` (an asyncio queue fed with `call_soon_threadsafe`).
+The loop runs in a process of its own (engine_process.py, the default) or in a thread of the HTTP process
+(engine_thread.py, `--disable-frontend-multiprocessing`). Both are the same two halves joined differently:
+
+- `StepLoop`, beside the engine: the only code that touches it (the engine is not thread-safe). It applies the
+  adds and aborts of its inbox in arrival order between steps, steps while there is work, blocks on the inbox when
+  there is none, and after each round hands one `StepReport` (the outputs, the load, the time) to the other side.
+- `EngineLoop`, in the HTTP process: what the routes call. `generate` queues an add and returns the request's
+  `RequestStream`; the thread that receives the reports feeds each stream (an asyncio queue, through
+  `call_soon_threadsafe`) and records the metrics with the step's own timestamp.
+
+An engine failure fails every request in flight with `EngineDeadError`, and every later one: the server stops.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
-from plait.engine.engine import LLMEngine
+from plait.engine.engine import check_prompt
 from plait.outputs import RequestOutput
 from plait.sampling_params import SamplingParams
 from plait.server.errors import APIError
 from plait.server.metrics import Load, ServerMetrics
 
-logger = logging.getLogger("plait.server")
-
 
 class EngineDeadError(APIError):
-    """The engine raised in a step (a rank died, say); every request in it, and every later one until the server
-    has stopped, fails with this."""
+    """The engine raised in a step (a rank died, say) or its process died; every request in it, and every later
+    one until the server has stopped, fails with this."""
 
     def __init__(self, cause: BaseException):
         super().__init__(500, f"the engine has failed ({type(cause).__name__}: {cause}); the server is stopping")
 
 
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the HTTP side knows of the engine, sent once it has loaded."""
+
+    model_name: str
+    model: str | None  # the --model given (a path or a preset), /v1/models's `root`
+    max_model_len: int
+    max_num_seqs: int
+    vocab_size: int
+    tokenizer: object  # the engine's tokenizer; None for a preset with dummy weights
+
+    @classmethod
+    def of(cls, engine) -> EngineInfo:
+        return cls(engine.model_name, engine.cfg.model, engine.sched_config.max_model_len,
+                   engine.sched_config.max_num_seqs, engine.model_config.vocab_size, engine.tokenizer)
+
+    def check_prompt(self, ids: list[int]) -> None:
+        check_prompt(ids, self.max_model_len, self.vocab_size)
+
+
+# The inbox's commands: plain data, so they cross a pipe as well as a queue.
 @dataclass
-class _Add:
+class Add:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    stream: RequestStream
-    arrival: float
 
 
 @dataclass
-class _Abort:
+class Abort:
     request_id: str
 
 
-_STOP = object()  # inbox: end the engine thread
+@dataclass
+class Stop:
+    """End the loop after its current step."""
+
+
+@dataclass
+class StepReport:
+    """One round of the step loop: its commands applied and, if there was work, one step run."""
+
+    load: Load
+    time: float  # time.monotonic() when the step returned (one clock for every process of the machine)
+    num_added: int = 0  # adds taken from the inbox, the rejected ones included
+    rejected: list[tuple[str, ValueError]] = field(default_factory=list)  # the engine's own last word on an add
+    outputs: list[RequestOutput] = field(default_factory=list)
+
+
+class StepLoop:
+    """Beside the engine: commands from `inbox` (a queue.SimpleQueue), one StepReport to `report` per round, until
+    Stop. An engine failure propagates to the caller."""
+
+    def __init__(self, engine, inbox: queue.SimpleQueue, report: Callable[[StepReport], None]):
+        self.engine, self.inbox, self.report = engine, inbox, report
+
+    def run(self) -> None:
+        while True:
+            commands = self._take(block=not self.engine.has_unfinished_requests())
+            if any(isinstance(cmd, Stop) for cmd in commands):
+                return
+            rejected = self._apply(commands)
+            outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
+            now = time.monotonic()
+            num_added = sum(isinstance(cmd, Add) for cmd in commands)
+            self.report(StepReport(self._load(), now, num_added, rejected, outputs))
+
+    def _take(self, block: bool) -> list:
+        commands = [self.inbox.get()] if block else []
+        while True:
+            try:
+                commands.append(self.inbox.get_nowait())
+            except queue.Empty:
+                return commands
+
+    def _apply(self, commands: list) -> list[tuple[str, ValueError]]:
+        """Adds and aborts in arrival order; the adds the engine refused."""
+        rejected = []
+        for cmd in commands:
+            if isinstance(cmd, Abort):
+                self.engine.abort_request(cmd.request_id)  # frees its KV blocks now; unknown ids are ignored
+                continue
+            try:
+                self.engine.add_request(cmd.prompt_ids, cmd.params, cmd.request_id)
+            except ValueError as e:  # the HTTP side validated already; this is the engine's own last word
+                rejected.append((cmd.request_id, e))
+        return rejected
+
+    def _load(self) -> Load:
+        running, waiting = self.engine.request_counts()
+        return Load(running, waiting, self.engine.kv_cache_usage(), *self.engine.prefix_cache_tokens())
+
+
+def shut_down(engine, profile_comm_dir: str) -> None:
+    """Stop the engine's ranks and output process, after writing the communication profile if one was asked."""
+    try:
+        if engine.cfg.profile_comm:  # every collective of the server's life (up to the profiler's cap)
+            from plait.comm.trace import write_profile
+
+            write_profile(engine, profile_comm_dir)
+    finally:
+        engine.shutdown()
+
+
 _CLOSED = object()  # a stream's queue: the request was closed from the event loop
 
 
 class RequestStream:
-    """One request's outputs on their way from the engine thread to the event loop; iterate it for them.
+    """One request's outputs on their way from the step loop to the event loop; iterate it for them.
 
     Whoever submitted the request closes it when done with it (the response ended, the client left): closing an
     unfinished request aborts it in the engine, whether or not anyone ever iterated.
     """
 
-    def __init__(self, request_id: str, inbox: queue.SimpleQueue):
-        self.request_id, self._inbox = request_id, inbox
+    def __init__(self, request_id: str, abort: Callable[[str], None]):
+        self.request_id, self._abort = request_id, abort
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue = asyncio.Queue()
         self.finished = False
 
     def put(self, item: RequestOutput | Exception) -> None:
-        """Called on the engine thread."""
+        """Called on the thread that receives the step loop's reports."""
         try:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
         except RuntimeError:  # the event loop has closed: nobody is listening any more
@@ -92,110 +186,86 @@ class RequestStream:
         """Abort the request unless it finished, and wake anyone still waiting on it."""
         if not self.finished:
             self.finished = True
-            self._inbox.put(_Abort(self.request_id))
+            self._abort(self.request_id)
             self._queue.put_nowait(_CLOSED)
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, metrics: ServerMetrics):
-        self.engine, self.metrics = engine, metrics
-        self.load = Load()  # replaced (never mutated) by the engine thread, so a reader sees one consistent load
+    """The HTTP side of the step loop. A subclass starts the loop (`start`), carries commands to it (`_send`),
+    calls `_on_report` with each report and `_fail` when the engine is gone, and ends it (`stop`).
+
+    Streams, metrics and load are shared by the event loop (adds, aborts, admission) and the thread receiving the
+    reports; one lock keeps them consistent, so a request is either failed by `_fail` or refused by `generate`.
+    """
+
+    def __init__(self, info: EngineInfo):
+        self.info = info
+        self.metrics: ServerMetrics | None = None  # set by start()
+        self.load = Load()  # the load of the latest report
         self.error: BaseException | None = None
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, RequestStream] = {}  # engine thread only
-        self._thread = threading.Thread(target=self._run, name="plait-engine", daemon=True)
+        self._lock = threading.Lock()
+        self._streams: dict[str, RequestStream] = {}  # requests not yet finished or aborted
+        self._queued = 0  # adds sent that no report has counted yet
 
-    def start(self) -> None:
-        self._thread.start()
+    def start(self, metrics: ServerMetrics) -> None:
+        raise NotImplementedError
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Abort whatever is left and end the thread (after its current step)."""
-        self._inbox.put(_STOP)
-        self._thread.join(timeout)
+    def stop(self) -> None:
+        """Let the loop end after its current step and shut the engine down (its ranks, its output process)."""
+        raise NotImplementedError
+
+    def _send(self, command: Add | Abort | Stop) -> None:
+        raise NotImplementedError
 
     def would_wait(self, new: int) -> int:
-        """How many requests would wait if `new` more came now: those queued in the engine or still in the inbox,
+        """How many requests would wait if `new` more came now: those queued in the engine or on their way to it,
         plus the new ones, less the free sequence slots the next step fills."""
-        load = self.load
-        free_slots = self.engine.sched_config.max_num_seqs - load.running
-        return max(0, load.waiting + self._inbox.qsize() + new - free_slots)
+        with self._lock:
+            load, queued = self.load, self._queued
+        return max(0, load.waiting + queued + new - (self.info.max_num_seqs - load.running))
 
     def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                  arrival: float) -> RequestStream:
         """Queue the request now (so admission counts it at once); the caller must close the stream it gets."""
-        if self.error is not None:
-            raise EngineDeadError(self.error)
-        stream = RequestStream(request_id, self._inbox)
-        self._inbox.put(_Add(request_id, prompt_ids, params, stream, arrival))
+        with self._lock:
+            if self.error is not None:
+                raise EngineDeadError(self.error)
+            stream = self._streams[request_id] = RequestStream(request_id, self._abort)
+            self._queued += 1
+            self.metrics.on_added(request_id, arrival, len(prompt_ids))
+        self._send(Add(request_id, prompt_ids, params))
         return stream
 
-    def _run(self) -> None:
-        try:
-            while self._apply(self._take(block=not self.engine.has_unfinished_requests())):
-                if self.engine.has_unfinished_requests():
-                    self._dispatch(self.engine.step())
-                self._publish_load()
-        except Exception as e:  # the engine is broken: fail everyone, refuse everything; the server then stops
-            logger.exception("the engine failed: the server stops")
-            dead = EngineDeadError(e)
+    def _abort(self, request_id: str) -> None:
+        with self._lock:
+            if self._streams.pop(request_id, None) is None:  # finished meanwhile, or the engine failed
+                return
+            self.metrics.on_aborted(request_id)
+        self._send(Abort(request_id))
+
+    def _on_report(self, report: StepReport) -> None:
+        with self._lock:
+            self._queued -= report.num_added
+            self.load = report.load
+            self.metrics.set_load(report.load)
+            for request_id, error in report.rejected:
+                if (stream := self._streams.pop(request_id, None)) is not None:
+                    self.metrics.on_aborted(request_id)
+                    stream.put(error)
+            for out in report.outputs:
+                if (stream := self._streams.get(out.request_id)) is None:  # aborted while the step ran
+                    continue
+                self.metrics.on_output(out, report.time)
+                stream.put(out)
+                if out.finished:
+                    del self._streams[out.request_id]
+
+    def _fail(self, cause: BaseException) -> None:
+        """Fail every request in flight and refuse every later one; `error` is set last, once the requests in
+        flight have their error, because the server stops when it sees it."""
+        dead = EngineDeadError(cause)
+        with self._lock:
             for stream in self._streams.values():
                 stream.put(dead)
             self._streams.clear()
-            self.error = e  # set once the requests in flight have their error: the server stops when it sees it
-            self._refuse_all(dead)
-
-    def _take(self, block: bool) -> list:
-        commands = [self._inbox.get()] if block else []
-        while True:
-            try:
-                commands.append(self._inbox.get_nowait())
-            except queue.Empty:
-                return commands
-
-    def _apply(self, commands: list) -> bool:
-        """Apply adds and aborts in arrival order; False once asked to stop."""
-        for cmd in commands:
-            if cmd is _STOP:
-                for request_id in list(self._streams):
-                    self._abort(request_id)
-                return False
-            if isinstance(cmd, _Abort):
-                self._abort(cmd.request_id)
-                continue
-            try:
-                self.engine.add_request(cmd.prompt_ids, cmd.params, cmd.request_id)
-            except ValueError as e:  # the HTTP side validated already; this is the engine's own last word
-                cmd.stream.put(e)
-                continue
-            self._streams[cmd.request_id] = cmd.stream
-            self.metrics.on_added(cmd.request_id, cmd.arrival, len(cmd.prompt_ids))
-        if commands:
-            self._publish_load()
-        return True
-
-    def _abort(self, request_id: str) -> None:
-        if self._streams.pop(request_id, None) is not None:
-            self.engine.abort_request(request_id)  # frees its KV blocks now
-            self.metrics.on_aborted(request_id)
-
-    def _dispatch(self, outputs: list[RequestOutput]) -> None:
-        now = time.monotonic()
-        for out in outputs:
-            stream = self._streams.get(out.request_id)
-            if stream is None:
-                continue
-            self.metrics.on_output(out, now)
-            stream.put(out)
-            if out.finished:
-                del self._streams[out.request_id]
-
-    def _publish_load(self) -> None:
-        running, waiting = self.engine.request_counts()
-        self.load = Load(running, waiting, self.engine.kv_cache_usage(), *self.engine.prefix_cache_tokens())
-        self.metrics.set_load(self.load)
-
-    def _refuse_all(self, dead: EngineDeadError) -> None:
-        """Until told to stop, answer every request that reached the inbox with the engine's error."""
-        while (cmd := self._inbox.get()) is not _STOP:
-            if isinstance(cmd, _Add):
-                cmd.stream.put(dead)
+            self.error = cause

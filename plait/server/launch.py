@@ -1,10 +1,11 @@
-"""`plait serve`: bind the port, load the engine, start its thread, run uvicorn; on SIGTERM drain, then exit 0.
+"""`plait serve`: bind the port, load the engine (in its own process, or in a thread with
+`--disable-frontend-multiprocessing`), run uvicorn; on SIGTERM drain, then exit 0.
 
 The port is bound first, so a port in use fails at once instead of after minutes of loading; the engine loads
 before uvicorn listens on it, so /health answers only once requests can be served. When the engine fails (a rank
-died), the requests in flight get their error, then the server stops and raises the engine's error (the CLI names
-the rank and exits 1), as vLLM's does: a supervisor sees the failure and restarts it, instead of a server that
-stays up answering 500.
+died, or the engine's process), the requests in flight get their error, then the server stops and raises the
+engine's error (the CLI names the rank, or the process, and exits 1), as vLLM's does: a supervisor sees the failure
+and restarts it, instead of a server that stays up answering 500.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from types import FrameType
 import uvicorn
 
 from plait.config import EngineConfig
-from plait.engine.data_parallel import make_engine
 from plait.server.app import build_app
 from plait.server.config import ServerConfig
-from plait.server.engine_loop import EngineLoop
+from plait.server.engine_process import EngineProcess
+from plait.server.engine_thread import EngineThread
 from plait.server.metrics import ServerMetrics
 from plait.server.state import ServerState
 from plait.server.tokenizer import ServerTokenizer
@@ -79,28 +80,22 @@ def run_server(engine_cfg: EngineConfig, cfg: ServerConfig, profile_comm_dir: st
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
     sock = bind(cfg.host, cfg.port)
     try:
-        engine = make_engine(engine_cfg)
+        loop = (EngineThread if cfg.disable_frontend_multiprocessing else EngineProcess)(engine_cfg, profile_comm_dir)
     except BaseException:
         sock.close()
         raise
-    name = cfg.served_model_name or engine.model_name
-    metrics = ServerMetrics(name)
-    loop = EngineLoop(engine, metrics)
-    tokenizer = ServerTokenizer(engine.tokenizer, engine.model_config.vocab_size)
-    state = ServerState(loop, tokenizer, metrics, cfg, name)
-    uv = uvicorn.Config(build_app(state), host=cfg.host, port=cfg.port, log_level=cfg.uvicorn_log_level,
-                        access_log=not cfg.disable_uvicorn_access_log, timeout_graceful_shutdown=1)
-    loop.start()
     try:
+        info = loop.info
+        name = cfg.served_model_name or info.model_name
+        metrics = ServerMetrics(name)
+        state = ServerState(loop, ServerTokenizer(info.tokenizer, info.vocab_size), metrics, cfg, name)
+        uv = uvicorn.Config(build_app(state), host=cfg.host, port=cfg.port, log_level=cfg.uvicorn_log_level,
+                            access_log=not cfg.disable_uvicorn_access_log, timeout_graceful_shutdown=1)
+        loop.start(metrics)
         logger.info("serving %s on http://%s:%d", name, cfg.host, sock.getsockname()[1])
         DrainingServer(uv, state).run(sockets=[sock])
     finally:
         loop.stop()
-        if engine_cfg.profile_comm:  # every collective of the server's life (up to the profiler's cap)
-            from plait.comm.trace import write_profile
-
-            write_profile(engine, profile_comm_dir)
-        engine.shutdown()
     if loop.error is not None:
         raise loop.error
     return 0

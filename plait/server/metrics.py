@@ -1,7 +1,9 @@
 """Prometheus metrics with vLLM's names (`vllm:` becomes `plait:`), so existing dashboards read them unchanged.
 
-Only the engine thread records (it sees each output the moment a step returns it, before any HTTP latency);
-the HTTP side only renders. prometheus_client's metrics are thread-safe, and each server has its own registry.
+They live in the HTTP process, whichever process steps the engine: adds and aborts are recorded as the event loop
+makes them, outputs and load by the thread that receives each step's report, timed with the step's own timestamp
+(the moment the step returned, before any pipe or HTTP latency). prometheus_client's metrics are thread-safe,
+and each server has its own registry.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class _Timing:
 
 @dataclass
 class Load:
-    """The engine's load after its latest step, published by the engine thread for the HTTP side to read."""
+    """The engine's load after its latest step, reported by the step loop for the HTTP side to read."""
 
     running: int = 0  # requests with a sequence in the running set
     waiting: int = 0  # requests whose sequences all wait
@@ -64,7 +66,7 @@ class ServerMetrics:
         self._success = Counter("plait:request_success_total", "Finished requests by finish reason.",
                                 ["model_name", "finished_reason"], registry=r)
         self._model_name = model_name
-        self._timings: dict[str, _Timing] = {}  # engine thread only
+        self._timings: dict[str, _Timing] = {}  # under the engine loop's lock
 
     def render(self) -> bytes:
         return prometheus_client.generate_latest(self.registry)

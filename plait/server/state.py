@@ -24,7 +24,7 @@ class ServerState:
 
     @property
     def max_model_len(self) -> int:
-        return self.loop.engine.sched_config.max_model_len
+        return self.loop.info.max_model_len
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
@@ -33,7 +33,7 @@ class ServerState:
     def check_prompt(self, ids: list[int]) -> list[int]:
         """Empty, too long (>= max_model_len) or out-of-vocabulary prompts are refused here, with the engine's words."""
         try:
-            self.loop.engine._check_prompt(ids)  # pure: reads only the engine's frozen configs
+            self.loop.info.check_prompt(ids)
         except ValueError as e:
             raise APIError(400, str(e), "prompt") from None
         return ids

@@ -1,7 +1,8 @@
-"""The HTTP side's tokenizer: prompts and chat templates are encoded here, off the engine thread.
+"""The HTTP side's tokenizer: prompts and chat templates are encoded here, off the step loop.
 
 It is a copy of the engine's tokenizer, not the same object: a Hugging Face fast tokenizer shared between two
-threads can fail with "Already borrowed", and the engine thread is decoding with its own at the same time.
+threads can fail with "Already borrowed", and with `--disable-frontend-multiprocessing` the engine thread is
+decoding with its own at the same time.
 """
 
 from __future__ import annotations
