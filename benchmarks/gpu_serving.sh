@@ -22,7 +22,10 @@
 #   .venv/bin/python benchmarks/serving_tokenizer.py llama3-8b .tok/llama3-8b    # a preset has no tokenizer (and
 #   the same for qwen2.5-32b)
 # Device: run(kind="nvidia-h200-x4", carry=[".whl", ".tok"], timeout_s=600, command="bash benchmarks/gpu_serving.sh")
-# ENGINE_FLAGS="--async-scheduling ..." adds engine flags to every server.
+# ENGINE_FLAGS="--async-scheduling ..." adds engine flags to every server; WORKLOADS="sat rate" runs only those.
+# The server's front end against its engine thread (one GPU, two calls' worth in one):
+#   OUT=$OUT/process WORKLOADS="sat rate" bash benchmarks/gpu_serving.sh; \
+#   OUT=$OUT/thread ENGINE_FLAGS=--disable-frontend-multiprocessing WORKLOADS="sat rate" bash benchmarks/gpu_serving.sh
 # Results: $OUT/serving.json (every run by layout and workload, issue 8's targets met or missed, what was skipped or
 # failed), serving.log, serving.png (TPOT against throughput; the trace's p99 completion time), tp4_rate-*.png.
 # CPU dry run of the plumbing (smollm2-135m dummy weights on 2 ranks, tiny workloads; not a measurement; ~10 min):
@@ -78,6 +81,8 @@ else  # one GPU: the server at TP=1 only (issue 4)
   SECTIONS=${*:-tp1}
 fi
 
+wants() { [[ " ${WORKLOADS:-low sat trace rate prefix} " == *" $1 "* ]]; }  # WORKLOADS="sat rate": only those
+
 run() {  # run NAME LIMIT_S COMMAND...: under min(LIMIT_S, time left), or skipped when less than half of it is left
   local name=$1 limit=$2 left=$((BUDGET - SECONDS)); shift 2
   if [ "$left" -lt $((limit / 2)) ]; then echo "== $name: skipped ($left s left)"; SKIPPED="$SKIPPED $name"; return; fi
@@ -108,13 +113,15 @@ serve() {  # serve LAYOUT: start the server, run the workloads, stop it (SIGTERM
   done
   if [ -n "$up" ]; then
     echo "   up after $i s"
-    for len in $LOW_IN; do
-      bench "${name}_low$len" --num-prompts $LOW_N --max-concurrency 1 --random-input-len $len --random-output-len $LOW_OUT
-    done
-    bench "${name}_sat" $SAT
-    bench "${name}_trace" --dataset-name trace --dataset-path "$TRACE"
-    [ "$name" = "tp$G" ] && bench "${name}_rate" $RATE --goodput ttft:500 tpot:50 --plot "$OUT/${name}_rate"
-    [ "$name" = "tp$G" ] && bench "${name}_prefix" $PREFIX
+    if wants low; then
+      for len in $LOW_IN; do
+        bench "${name}_low$len" --num-prompts $LOW_N --max-concurrency 1 --random-input-len $len --random-output-len $LOW_OUT
+      done
+    fi
+    wants sat && bench "${name}_sat" $SAT
+    wants trace && bench "${name}_trace" --dataset-name trace --dataset-path "$TRACE"
+    [ "$name" = "tp$G" ] && wants rate && bench "${name}_rate" $RATE --goodput ttft:500 tpot:50 --plot "$OUT/${name}_rate"
+    [ "$name" = "tp$G" ] && wants prefix && bench "${name}_prefix" $PREFIX
   else
     echo "   no server after $i s"; FAILED="$FAILED $name"
   fi
