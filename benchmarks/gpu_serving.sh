@@ -23,9 +23,9 @@
 #   the same for qwen2.5-32b)
 # Device: run(kind="nvidia-h200-x4", carry=[".whl", ".tok"], timeout_s=600, command="bash benchmarks/gpu_serving.sh")
 # ENGINE_FLAGS="--async-scheduling ..." adds engine flags to every server; WORKLOADS="sat rate" runs only those.
-# The server's front end against its engine thread (one GPU, two calls' worth in one):
-#   OUT=$OUT/process WORKLOADS="sat rate" bash benchmarks/gpu_serving.sh; \
-#   OUT=$OUT/thread ENGINE_FLAGS=--disable-frontend-multiprocessing WORKLOADS="sat rate" bash benchmarks/gpu_serving.sh
+# The engine in a process of its own against the default thread (one GPU, both in one call):
+#   OUT=$OUT/process ENGINE_FLAGS=--frontend-multiprocessing WORKLOADS="sat rate" bash benchmarks/gpu_serving.sh; \
+#   OUT=$OUT/thread WORKLOADS="sat rate" bash benchmarks/gpu_serving.sh
 # Results: $OUT/serving.json (every run by layout and workload, issue 8's targets met or missed, what was skipped or
 # failed), serving.log, serving.png (TPOT against throughput; the trace's p99 completion time), tp4_rate-*.png.
 # CPU dry run of the plumbing (smollm2-135m dummy weights on 2 ranks, tiny workloads; not a measurement; ~10 min):

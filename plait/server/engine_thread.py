@@ -1,6 +1,6 @@
-"""The step loop in a thread of the HTTP process (`--disable-frontend-multiprocessing`): no second process, so
-one debugger and one stack trace see both halves; but the step loop and the event loop (JSON, server-sent
-events) take turns on one GIL, so a busy server slows its steps down. engine_process.py is the default.
+"""The step loop in a thread of the HTTP process (the default): no second process, so one debugger and one stack
+trace see both halves; the step loop and the event loop (JSON, server-sent events) take turns on one GIL, which
+measured cheaper than engine_process.py's pipe (docs/serving.md, "Where the step loop runs").
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""`plait serve`: bind the port, load the engine (in its own process, or in a thread with
-`--disable-frontend-multiprocessing`), run uvicorn; on SIGTERM drain, then exit 0.
+"""`plait serve`: bind the port, load the engine (in a thread, or in its own process with
+`--frontend-multiprocessing`), run uvicorn; on SIGTERM drain, then exit 0.
 
 The port is bound first, so a port in use fails at once instead of after minutes of loading; the engine loads
 before uvicorn listens on it, so /health answers only once requests can be served. When the engine fails (a rank
@@ -80,7 +80,7 @@ def run_server(engine_cfg: EngineConfig, cfg: ServerConfig, profile_comm_dir: st
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
     sock = bind(cfg.host, cfg.port)
     try:
-        loop = (EngineThread if cfg.disable_frontend_multiprocessing else EngineProcess)(engine_cfg, profile_comm_dir)
+        loop = (EngineProcess if cfg.frontend_multiprocessing else EngineThread)(engine_cfg, profile_comm_dir)
     except BaseException:
         sock.close()
         raise

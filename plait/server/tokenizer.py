@@ -1,7 +1,7 @@
 """The HTTP side's tokenizer: prompts and chat templates are encoded here, off the step loop.
 
 It is a copy of the engine's tokenizer, not the same object: a Hugging Face fast tokenizer shared between two
-threads can fail with "Already borrowed", and with `--disable-frontend-multiprocessing` the engine thread is
+threads can fail with "Already borrowed", and in the default engine thread the step loop is
 decoding with its own at the same time.
 """
 
