@@ -153,12 +153,13 @@ def plan(m: ModelConfig, gpus: int, w: Workload, goal: str, slo: Slo, calib: Cal
     return sorted(choices, key=lambda c: (not c.ok, c.score(goal)))
 
 
-def effective_tp(m: ModelConfig, gpus: int, w: Workload, calib: Calibration,
-                 lim: EngineLimits) -> tuple[int | None, list[Prediction]]:
+def effective_tp(m: ModelConfig, gpus: int, w: Workload, calib: Calibration, lim: EngineLimits,
+                 tp_sizes: list[int] | None = None) -> tuple[int | None, list[Prediction]]:
     """t_e: the TP degree (a divisor of gpus, replicas = gpus / TP) with the most throughput at saturation, with each
-    degree's prediction (None if no degree fits). What `plait bench tp-sweep` measures."""
+    degree's prediction (None if no degree fits). What `plait bench tp-sweep` measures, which passes the degrees it
+    measured as `tp_sizes` (default: every divisor) so that both pick among the same ones."""
     preds = []
-    for tp in (t for t in range(1, gpus + 1) if gpus % t == 0):
+    for tp in tp_sizes or [t for t in range(1, gpus + 1) if gpus % t == 0]:
         layout = Layout(tp, dp=gpus // tp)
         try:
             layout.check(m)
