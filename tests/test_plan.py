@@ -199,6 +199,31 @@ def test_planner_enumerates_ranks_and_finds_te(smollm2_config, llama8b):
     assert all(math.ceil(5.0 * c.prediction.latency_s) <= c.prediction.batch + 1 for c in rate if c.ok)
 
 
+def test_a_request_rate_sizes_every_goal_by_littles_law(llama8b):
+    """With a rate every layout runs at the concurrency rate x latency, not at its largest batch; the throughput and
+    slo goals rank by what it serves, min(rate, capacity) x output_len, so one that cannot keep up serves less and is
+    not ok; the SLOs are checked at the rate's concurrency; the lowest-latency TP degree is found at it too."""
+    calib, lim, rate = h200_defaults(), EngineLimits(), 120.0
+    w = Workload(128, 64, request_rate=rate)
+    for goal, slo in (("throughput", Slo()), ("slo", Slo(tpot_s=6e-3))):
+        ranked = plan(llama8b, 2, w, goal, slo, calib, lim)
+        largest = {c.prediction.layout.name: c.prediction for c in plan(llama8b, 2, Workload(128, 64), goal, slo,
+                                                                         calib, lim)}
+        ok = [c for c in ranked if c.ok]
+        assert ok and ranked[:len(ok)] == ok and all(slo.met(c.prediction) for c in ok)
+        for c in ok:
+            p = c.prediction
+            assert c.served == pytest.approx(rate * 64) and p.batch == max(p.layout.dp, math.ceil(rate * p.latency_s))
+            assert p.batch < largest[p.layout.name].batch
+        assert [c.prediction.latency_s for c in ok] == sorted(c.prediction.latency_s for c in ok)  # served alike
+        sp2 = next(c for c in ranked if c.prediction.layout.name == "SP2")
+        assert not sp2.ok and sp2.served < rate * 64 and "saturated below 120 req/s" in sp2.why
+        assert sp2.served == pytest.approx(sp2.prediction.batch / sp2.prediction.latency_s * 64)
+    tp, preds = latency_tp(llama8b, 2, w, calib, lim)
+    assert tp == 2 and [(p.layout.tp, p.batch) for p in preds] == [(2, 49)]  # one TP1 replica cannot keep up
+    assert len(latency_tp(llama8b, 2, Workload(128, 64, batch=1), calib, lim)[1]) == 2
+
+
 def test_te_is_the_tp_degree_of_most_throughput_over_a_fixed_number_of_gpus(smollm2_config, llama8b):
     """Replicas = GPUs / TP, each as full as it can be: a model that fits one GPU gains nothing from TP at
     saturation (t_e = 1, though TP lowers one request's latency), a 70B that does not fit one GPU starts at TP2."""
@@ -246,6 +271,7 @@ def test_plan_cli_says_where_its_figures_come_from(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert {r["config"] for r in data["ranked"]} == {"TP2", "DP2", "PP2", "SP2", "SHIFT2"}
     assert [r["config"] for r in data["tp_sweep"]] == ["DP2", "TP2"] and data["t_e"] in (1, 2)
+    assert all(r["served_tok_s"] == r["throughput_tok_s"] for r in data["ranked"])  # no rate: at its own batch
     assert (tmp_path / "p.png").stat().st_size > 0 and "SHIFT2: shift threshold" in text
     assert cli_main(["plan", "llama3-8b", "--gpus", "0"]) == 2
     assert "--gpus must be >= 1" in capsys.readouterr().err

@@ -325,6 +325,27 @@ def test_bench_throughput_counts_every_token_with_the_output_process(folder, tmp
     assert any(row["function"].startswith("plait/engine/") for row in rows)
 
 
+def test_bench_tp_sweep_records_the_measured_and_the_predicted_t_e(folder, tmp_path):
+    """`plait bench tp-sweep` over 2 CPU ranks, TP1 x 2 replicas and TP2: each degree measured and predicted by the
+    planner on the built-in figures (no --calibration), with the engine's limits; both t_e in the result."""
+    from plait.cli import main
+
+    out, text = tmp_path / "sweep.json", io.StringIO()
+    with contextlib.redirect_stdout(text):
+        assert main(["bench", "tp-sweep", folder, "--gpus", "2", "--tp-sizes", "1,2", "--device", "cpu",
+                     "--dtype", "float32", "--num-prompts", "3", "--input-len", "6", "--output-len", "3",
+                     "--max-num-seqs", "8", "--output-json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    points = r["points"]
+    assert [(p["tensor_parallel_size"], p["data_parallel_size"]) for p in points] == [(1, 2), (2, 1)]
+    assert all(p["output_tokens"] == 9 and p["predicted_output_tok_s"] > 0 for p in points)
+    assert [p["predicted_batch"] for p in points] == [16, 8]  # every replica full at --max-num-seqs
+    assert r["t_e"] == max(points, key=lambda p: p["output_tok_s"])["tensor_parallel_size"]
+    assert r["predicted_t_e"] == max(points, key=lambda p: p["predicted_output_tok_s"])["tensor_parallel_size"]
+    assert r["prediction_figures"].startswith("built-in defaults")
+    assert f"t_e = {r['t_e']} measured, {r['predicted_t_e']} predicted" in text.getvalue()
+
+
 def test_data_parallel_replicas_plan_ahead_too(folder, reference):
     prompts, params, want = reference
     llm = LLM(folder, data_parallel_size=2, async_scheduling=True, async_output_proc=True, **ENGINE)

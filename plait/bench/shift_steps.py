@@ -99,9 +99,7 @@ def main(args: argparse.Namespace, cfg: EngineConfig) -> dict:
     where = provenance()
     calib.notes.append(f"shift_steps[{key}]: `{where['command']}` on {where['device']}, {where['date']}")
     calib.save(cfg.calibration)
-    lim = EngineLimits(engine.sched_config.max_num_batched_tokens, cfg.max_num_seqs, engine.itemsize, cfg.enforce_eager,
-                       max_prefill_graph_tokens=cfg.max_prefill_graph_tokens, async_scheduling=cfg.async_scheduling,
-                       sampling_parallel=cfg.sampling_parallel)
+    lim = EngineLimits.of(cfg, engine.sched_config.max_num_batched_tokens, engine.itemsize)
     choice = choose_threshold(engine.model_config, engine.model_name, sp, tp, Calibration.load(cfg.calibration), lim)
     print(f"{'tokens':>8s} {'SP mode ms':>11s} {'TP mode ms':>11s}")
     for n, a, b in rows:

@@ -8,6 +8,8 @@ tp-sweep: throughput at each TP degree over a fixed number of GPUs, the rest of 
 not shrink), while a replica of fewer GPUs has less room for KV cache: the degree with the most throughput is t_e
 (Albireo), the point past which one bigger replica loses to more replicas. Run it with and without the step
 loop's overlap features (--async-scheduling, --async-output-proc, --sampling-parallel) to see whether t_e moves.
+Beside each measured figure it records what `plait plan` predicts for the same degrees, lengths and engine limits
+(on the --calibration file, else the built-in H200 figures), so that predicted and measured t_e compare directly.
 """
 
 from __future__ import annotations
@@ -18,13 +20,20 @@ import contextlib
 import pathlib
 import pstats
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
 from plait.bench import gpu_timeline
 from plait.bench.results import write_result
 from plait.config import EngineConfig
-from plait.engine.data_parallel import make_engine
+from plait.engine.data_parallel import DataParallelEngine, make_engine
+from plait.engine.engine import LLMEngine
+from plait.plan.calibration import Calibration, h200_defaults
+from plait.plan.planner import effective_tp
+from plait.plan.predict import EngineLimits, Prediction
+from plait.plan.workload import Workload
 from plait.sampling_params import RequestOutputKind, SamplingParams
 
 _ROOT = str(pathlib.Path(__file__).resolve().parents[2]) + "/"
@@ -64,17 +73,24 @@ def run(engine, num_prompts: int, input_len: int, output_len: int, seed: int = 0
             "output_tok_s": produced / elapsed, "total_tok_s": (produced + num_prompts * input_len) / elapsed}
 
 
-def measure(cfg: EngineConfig, args) -> dict:
-    """One configuration: build, warm up, measure, shut down."""
-    cfg = cfg.replace(max_model_len=cfg.max_model_len or args.input_len + args.output_len + 16)
-    engine = make_engine(cfg)
+@contextlib.contextmanager
+def warm_engine(cfg: EngineConfig, args) -> Iterator[LLMEngine | DataParallelEngine]:
+    """The engine of one configuration after a short run on every replica (compiles and tunes the kernels); shut down
+    on the way out."""
+    engine = make_engine(cfg.replace(max_model_len=cfg.max_model_len or args.input_len + args.output_len + 16))
     try:
-        run(engine, 2 * cfg.data_parallel_size, args.input_len, 4, seed=1)  # compile and tune on every replica
-        profile = cProfile.Profile() if args.profile_host else None
-        with gpu_timeline.recorded(engine, cfg.resolved_device()) as timeline, profile or contextlib.nullcontext():
-            figures = run(engine, args.num_prompts, args.input_len, args.output_len)
+        run(engine, 2 * cfg.data_parallel_size, args.input_len, 4, seed=1)
+        yield engine
     finally:
         engine.shutdown()
+
+
+def measure(engine: LLMEngine | DataParallelEngine, args) -> dict:
+    """One configuration's run on its warm engine, with the GPU's busy share and the host profile where asked."""
+    cfg = engine.cfg
+    profile = cProfile.Profile() if args.profile_host else None
+    with gpu_timeline.recorded(engine, cfg.resolved_device()) as timeline, profile or contextlib.nullcontext():
+        figures = run(engine, args.num_prompts, args.input_len, args.output_len)
     if timeline:  # how much of the run the GPU was busy: the rest it waited for the host
         figures["gpu_timeline"] = timeline
         figures["gpu_busy_fraction"] = [gpu_timeline.busy_fraction(t, figures["elapsed_s"]) for t in timeline]
@@ -99,7 +115,8 @@ def _setup(cfg: EngineConfig, args) -> dict:
 
 
 def main(args: argparse.Namespace, cfg: EngineConfig) -> dict:
-    result = {"benchmark": "throughput", **_setup(cfg, args), **measure(cfg, args)}
+    with warm_engine(cfg, args) as engine:
+        result = {"benchmark": "throughput", **_setup(cfg, args), **measure(engine, args)}
     busy = result.get("gpu_busy_fraction")
     print(f"{cfg.model} tp={cfg.tensor_parallel_size} dp={cfg.data_parallel_size}: {result['output_tok_s']:.1f} "
           f"output tok/s ({result['output_tokens']} tokens in {result['elapsed_s']:.2f} s)"
@@ -110,20 +127,47 @@ def main(args: argparse.Namespace, cfg: EngineConfig) -> dict:
     return result
 
 
+@dataclass(frozen=True)
+class Predicted:
+    """What `plait plan` predicts the sweep finds (`planner.effective_tp` over the same degrees)."""
+
+    figures: str  # where the figures come from: the calibration the engine config names, or the built-in H200 ones
+    t_e: int | None
+    by_tp: dict[int, Prediction]  # each degree at saturation; a degree that does not fit is missing
+
+    @classmethod
+    def of(cls, engine: LLMEngine | DataParallelEngine, args, sizes: list[int]) -> "Predicted":
+        """From the engine's config and the limits it resolved at start-up (step budget, element size)."""
+        cfg = engine.cfg
+        calib = Calibration.load(cfg.calibration) if cfg.calibration else h200_defaults()
+        lim = EngineLimits.of(cfg, engine.sched_config.max_num_batched_tokens, engine.itemsize)
+        te, preds = effective_tp(engine.model_config, args.gpus, Workload(args.input_len, args.output_len), calib,
+                                 lim, sizes)
+        return cls(calib.source, te, {p.layout.tp: p for p in preds})
+
+
 def sweep(args: argparse.Namespace, cfg: EngineConfig) -> dict:
     sizes = [int(t) for t in args.tp_sizes.split(",")]
     bad = [t for t in sizes if t < 1 or args.gpus % t]
     if bad:
         raise ValueError(f"TP degrees {bad} do not divide --gpus {args.gpus}: give divisors of it in --tp-sizes")
-    points = []
+    points, prediction = [], None
     for tp in sizes:
-        point = measure(cfg.replace(tensor_parallel_size=tp, data_parallel_size=args.gpus // tp), args)
+        with warm_engine(cfg.replace(tensor_parallel_size=tp, data_parallel_size=args.gpus // tp), args) as engine:
+            prediction = prediction or Predicted.of(engine, args, sizes)
+            point = measure(engine, args)
+        guess = prediction.by_tp.get(tp)
         point["output_tok_s_per_gpu"] = point["output_tok_s"] / args.gpus
+        point["predicted_output_tok_s"] = guess.throughput if guess else None
+        point["predicted_batch"] = guess.batch if guess else None
         points.append(point)
-        print(f"  tp={tp} x dp={args.gpus // tp}: {point['output_tok_s']:10.1f} output tok/s")
+        print(f"  tp={tp} x dp={args.gpus // tp}: {point['output_tok_s']:10.1f} output tok/s, predicted "
+              + (f"{guess.throughput:10.1f} at batch {guess.batch}" if guess else "none (does not fit)"))
     best = max(points, key=lambda p: p["output_tok_s"])
     result = {"benchmark": "tp_sweep", **_setup(cfg, args), "gpus": args.gpus, "points": points,
-              "t_e": best["tensor_parallel_size"]}
-    print(f"t_e = {result['t_e']} (the TP degree of the most throughput over {args.gpus} GPUs)")
+              "t_e": best["tensor_parallel_size"], "predicted_t_e": prediction.t_e,
+              "prediction_figures": prediction.figures}
+    print(f"t_e = {result['t_e']} measured, {prediction.t_e} predicted (the TP degree of the most throughput over "
+          f"{args.gpus} GPUs; predicted from {prediction.figures})")
     write_result(result, args.output_json)
     return result

@@ -29,7 +29,7 @@ class DataParallelEngine:
             raise
         first = self.replicas[0]
         self.cfg, self.tokenizer, self.model_config = cfg, first.tokenizer, first.model_config
-        self.model_name, self.sched_config = first.model_name, first.sched_config
+        self.model_name, self.sched_config, self.itemsize = first.model_name, first.sched_config, first.itemsize
         self.owner: dict[str, LLMEngine] = {}
         self._ids = itertools.count()
 

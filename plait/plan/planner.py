@@ -1,9 +1,15 @@
 """`plait plan`: every way to lay a model over N GPUs, predicted, ranked by the user's goal, with t_e.
 
 Goals: `latency` (lowest end-to-end time of a request at the workload's concurrency), `throughput` (most output
-tokens per second at the largest batch that fits), `slo` (most tokens per second at the largest batch whose
-TTFT and TPOT meet the SLOs). With a request rate, concurrency follows from Little's law: sequences in flight =
-rate x latency, solved per configuration (a configuration that cannot keep up is marked saturated).
+tokens per second), `slo` (most output tokens per second with TTFT and TPOT within the SLOs).
+With a fixed batch (or none): latency at that batch (default 1); throughput at the largest batch that fits; slo at
+the largest batch whose TTFT and TPOT meet the SLOs.
+With a request rate, every goal sizes each configuration by Little's law: sequences in flight = rate x latency,
+solved per configuration (one that cannot keep up is marked saturated). It serves min(rate, capacity) x output_len
+output tokens per second, its capacity being the same law read the other way: the most sequences it holds at once
+over their latency at that batch (so a saturated one serves less than the rate asks). The throughput and slo goals
+rank by what is served (served alike, the lower latency first), and the SLOs are checked at the concurrency the
+rate implies.
 Sequence parallelism (SP, SP x TP, and Shift switching SP <-> TP per step at its modelled threshold) is laid out
 on one stage beside them.
 t_e (Albireo): over a fixed number of GPUs laid out as replicas of TP ranks (replicas = GPUs / TP), the TP degree
@@ -44,10 +50,13 @@ class Choice:
     prediction: Prediction
     ok: bool  # fits in memory, keeps up with the rate, meets the SLOs (as the goal requires)
     why: str
+    served: float  # output tokens/s: at a request rate what it serves of it, else the prediction's throughput
 
-    def score(self, goal: str) -> float:
-        p = self.prediction
-        return p.latency_s if goal == "latency" else -p.throughput
+    def rank(self, goal: str) -> tuple[bool, float, float]:
+        """Sort key, best first: those that satisfy the goal, then by the goal's figure; equal ones (every layout
+        that keeps up with a rate serves the same) by request latency."""
+        latency = self.prediction.latency_s
+        return not self.ok, latency if goal == "latency" else -self.served, latency
 
 
 def layouts(m: ModelConfig, gpus: int) -> list[Layout]:
@@ -89,6 +98,8 @@ def _at_rate(m, layout, w: Workload, calib, lim) -> tuple[Prediction, bool]:
     """Concurrency = rate x latency, iterated to a fixed point; False if the configuration cannot keep up."""
     batch = layout.dp
     p = predict(m, layout, batch, w.input_len, w.output_len, calib, lim)
+    if p.max_batch < 1:
+        return p, False
     for _ in range(30):
         need = max(layout.dp, math.ceil(w.request_rate * p.latency_s))
         if need > p.max_batch * layout.dp:
@@ -100,31 +111,52 @@ def _at_rate(m, layout, w: Workload, calib, lim) -> tuple[Prediction, bool]:
     return p, p.throughput / w.output_len >= w.request_rate * 0.999
 
 
+def _at_concurrency(m, layout, w: Workload, calib, lim) -> tuple[Prediction, bool]:
+    """At the workload's own concurrency: by Little's law from its rate (`_at_rate`: False if saturated), else at
+    its batch (default 1: False if that does not fit)."""
+    if w.request_rate is not None:
+        return _at_rate(m, layout, w, calib, lim)
+    p = predict(m, layout, w.batch or 1, w.input_len, w.output_len, calib, lim)
+    return p, p.fits
+
+
+def _largest_batch(m, layout, w: Workload, goal: str, slo: Slo, calib, lim, cap: int) -> Prediction | None:
+    """Without a rate, the throughput and slo goals: the largest batch that fits (and meets the SLOs)."""
+    best = None
+    for b in _batch_sizes(cap):
+        p = predict(m, layout, b, w.input_len, w.output_len, calib, lim)
+        if goal == "slo" and not slo.met(p):
+            break
+        best = p
+    return best
+
+
 def evaluate(m: ModelConfig, layout: Layout, w: Workload, goal: str, slo: Slo, calib: Calibration,
              lim: EngineLimits) -> Choice:
     probe = predict(m, layout, layout.dp, w.input_len, w.output_len, calib, lim)
     if probe.max_batch < 1 or probe.memory.kv_cache <= 0:
-        return Choice(probe, False, f"does not fit: weights {probe.memory.weights / 2**30:.1f} GiB per GPU")
+        return Choice(probe, False, f"does not fit: weights {probe.memory.weights / 2**30:.1f} GiB per GPU",
+                      probe.throughput)
     cap = probe.max_batch * layout.dp
-    if goal in ("throughput", "slo"):
-        best = None
-        for b in _batch_sizes(cap):
-            p = predict(m, layout, b, w.input_len, w.output_len, calib, lim)
-            if goal == "slo" and not slo.met(p):
-                break
-            best = p
+    if goal in ("throughput", "slo") and w.request_rate is None:
+        best = _largest_batch(m, layout, w, goal, slo, calib, lim, cap)
         if best is None:
             return Choice(probe, False, f"misses the SLOs even at batch {layout.dp}: TTFT {probe.ttft_s * 1e3:.1f} ms, "
-                                        f"TPOT {probe.tpot_s * 1e3:.2f} ms")
-        return Choice(best, True, _why(best, cap))
-    if w.request_rate is not None:
-        p, keeps_up = _at_rate(m, layout, w, calib, lim)
-        ok = keeps_up and slo.met(p)
-        why = _why(p, cap) + ("" if keeps_up else f"; saturated below {w.request_rate:g} req/s")
-        return Choice(p, ok, why)
-    batch = w.batch or 1
-    p = predict(m, layout, batch, w.input_len, w.output_len, calib, lim)
-    return Choice(p, p.fits and slo.met(p), _why(p, cap) + ("" if p.fits else f"; batch {batch} does not fit"))
+                                        f"TPOT {probe.tpot_s * 1e3:.2f} ms", probe.throughput)
+        return Choice(best, True, _why(best, cap), best.throughput)
+    p, holds = _at_concurrency(m, layout, w, calib, lim)
+    short = f"; saturated below {w.request_rate:g} req/s" if w.request_rate else f"; batch {p.batch} does not fit"
+    why = _why(p, cap) + ("" if holds else short)
+    return Choice(p, holds and slo.met(p), why, _served(m, layout, w, p, cap, calib, lim))
+
+
+def _served(m, layout, w: Workload, p: Prediction, cap: int, calib, lim) -> float:
+    """Output tokens/s: at a rate, min(rate, capacity) x output_len, the capacity being Little's law read the other
+    way (the largest batch that fits over the latency at that batch); else the prediction's, at its batch."""
+    if w.request_rate is None:
+        return p.throughput
+    full = p if p.batch == cap else predict(m, layout, cap, w.input_len, w.output_len, calib, lim)
+    return min(w.request_rate, cap / full.latency_s) * w.output_len
 
 
 def _why(p: Prediction, cap: int) -> str:
@@ -150,15 +182,16 @@ def plan(m: ModelConfig, gpus: int, w: Workload, goal: str, slo: Slo, calib: Cal
         choices.append(evaluate(m, layout, w, goal, slo, calib, lim))
         if progress is not None:
             progress.update(1)
-    return sorted(choices, key=lambda c: (not c.ok, c.score(goal)))
+    return sorted(choices, key=lambda c: c.rank(goal))
 
 
-def effective_tp(m: ModelConfig, gpus: int, w: Workload, calib: Calibration,
-                 lim: EngineLimits) -> tuple[int | None, list[Prediction]]:
+def effective_tp(m: ModelConfig, gpus: int, w: Workload, calib: Calibration, lim: EngineLimits,
+                 tp_sizes: list[int] | None = None) -> tuple[int | None, list[Prediction]]:
     """t_e: the TP degree (a divisor of gpus, replicas = gpus / TP) with the most throughput at saturation, with each
-    degree's prediction (None if no degree fits). What `plait bench tp-sweep` measures."""
+    degree's prediction (None if no degree fits). What `plait bench tp-sweep` measures, which passes the degrees it
+    measured as `tp_sizes` (default: every divisor) so that both pick among the same ones."""
     preds = []
-    for tp in (t for t in range(1, gpus + 1) if gpus % t == 0):
+    for tp in tp_sizes or [t for t in range(1, gpus + 1) if gpus % t == 0]:
         layout = Layout(tp, dp=gpus // tp)
         try:
             layout.check(m)
@@ -173,8 +206,8 @@ def effective_tp(m: ModelConfig, gpus: int, w: Workload, calib: Calibration,
 
 def latency_tp(m: ModelConfig, gpus: int, w: Workload, calib: Calibration,
                lim: EngineLimits) -> tuple[int | None, list[Prediction]]:
-    """The TP degree (1 .. gpus, one replica, one stage) with the lowest latency at the workload's batch, among
-    those that fit (None if none does)."""
+    """The TP degree (1 .. gpus, one replica, one stage) with the lowest latency at the workload's concurrency (its
+    batch, or what its rate implies), among those that hold it (None if none does)."""
     preds = []
     for tp in range(1, gpus + 1):
         layout = Layout(tp)
@@ -182,8 +215,8 @@ def latency_tp(m: ModelConfig, gpus: int, w: Workload, calib: Calibration,
             layout.check(m)
         except ValueError:
             continue
-        p = predict(m, layout, w.batch or 1, w.input_len, w.output_len, calib, lim)
-        if p.fits:
+        p, holds = _at_concurrency(m, layout, w, calib, lim)
+        if holds:
             preds.append(p)
     best = min(preds, key=lambda p: p.latency_s, default=None)
     return (best.layout.tp if best else None), preds

@@ -24,7 +24,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
-from plait.config import ModelConfig
+from plait.config import EngineConfig, ModelConfig
 from plait.plan.calibration import Calibration
 from plait.plan.collectives import Collective, Sampling, rank_collectives
 from plait.plan.costs import Memory, rank_memory, stage_time, uses_graph
@@ -57,6 +57,15 @@ class EngineLimits:
     one_launch_prompts: bool = True  # several short new prompts attend in one launch (else prompt by prompt)
     async_scheduling: bool | None = None  # None: as the engine resolves it, on with a GPU and one pipeline stage
     sampling_parallel: bool = False
+
+    @classmethod
+    def of(cls, cfg: EngineConfig, max_num_batched_tokens: int, itemsize: int) -> "EngineLimits":
+        """The limits of an engine built from `cfg`. The step budget and the element size are resolved at start-up
+        (`resolve_scheduler_config`, the checkpoint's dtype), so the caller passes the engine's. Asynchronous
+        scheduling left to its default resolves by the calibration's device, the machine the prediction is for."""
+        return cls(max_num_batched_tokens, cfg.max_num_seqs, itemsize, cfg.enforce_eager, cfg.gpu_memory_utilization,
+                   cfg.block_size, max_prefill_graph_tokens=cfg.max_prefill_graph_tokens,
+                   async_scheduling=cfg.async_scheduling, sampling_parallel=cfg.sampling_parallel)
 
     def features(self) -> dict[str, bool]:
         """What a validation record stores beside its EngineConfig (`recorded` reads it back)."""

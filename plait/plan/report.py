@@ -24,13 +24,14 @@ def describe_collectives(colls: list[Collective]) -> str:
 
 
 def table(choices: list[Choice], goal: str) -> str:
+    """One line per choice; tok/s is what it serves (of the request rate, when there is one)."""
     head = (f"{'#':>2s} {'config':11s} {'batch':>5s} {'TTFT ms':>9s} {'TPOT ms':>8s} {'latency ms':>10s} {'tok/s':>9s} "
             f"{'comm %':>6s} {'GiB/GPU':>7s} {'ok':>3s}  why")
     lines = [head]
     for i, c in enumerate(choices, 1):
         p = c.prediction
         lines.append(f"{i:2d} {p.layout.name:11s} {p.batch:5d} {p.ttft_s * 1e3:9.2f} {p.tpot_s * 1e3:8.3f} "
-                     f"{p.latency_s * 1e3:10.1f} {p.throughput:9.0f} {100 * p.comm_share:6.1f} "
+                     f"{p.latency_s * 1e3:10.1f} {c.served:9.0f} {100 * p.comm_share:6.1f} "
                      f"{(p.memory.weights + p.memory.activations) / 2**30:7.1f} {'yes' if c.ok else 'no':>3s}  {c.why}")
     return "\n".join(lines)
 
@@ -45,7 +46,7 @@ def te_lines(te: int | None, preds: list[Prediction], lat_tp: int | None, lat_pr
                  for p in preds if p.fits]
         out = f"t_e = {te} (most throughput over {gpus} GPUs, replicas = GPUs / TP): " + "; ".join(parts)
     if lat_tp is None:
-        return out
+        return out + "\nlowest request latency at this concurrency: no TP degree of one replica holds it"
     base, base_tp = lat_preds[0].latency_s, lat_preds[0].layout.tp
     parts = [f"TP{p.layout.tp} {p.latency_s * 1e3:.1f} ms ({base / p.latency_s:.2f}x, "
              f"{100 * base / p.latency_s * base_tp / p.layout.tp:.0f}% per GPU)" for p in lat_preds]
@@ -67,7 +68,8 @@ def to_json(choices: list[Choice], te: int | None, preds: list[Prediction], lat_
             "last_step_collectives_rank0": describe_collectives(p.last_step_collectives),
         }
 
-    return meta | {"ranked": [pred(c.prediction) | {"ok": c.ok, "why": c.why} for c in choices],
+    ranked = [pred(c.prediction) | {"ok": c.ok, "why": c.why, "served_tok_s": c.served} for c in choices]
+    return meta | {"ranked": ranked,
                    "t_e": te, "tp_sweep": [pred(p) for p in preds],
                    "latency_tp": lat_tp, "latency_tp_sweep": [pred(p) for p in lat_preds]}
 

@@ -115,9 +115,7 @@ def resolve_threshold(cfg: EngineConfig, m: ModelConfig, model_name: str, budget
             f"shift threshold {DEFAULT_THRESHOLD} tokens (default: no --calibration with measured or fitted figures "
             f"for this machine)")
     calib = Calibration.load(cfg.calibration)
-    lim = EngineLimits(budget, cfg.max_num_seqs, itemsize, cfg.enforce_eager,
-                       max_prefill_graph_tokens=cfg.max_prefill_graph_tokens, async_scheduling=cfg.async_scheduling,
-                       sampling_parallel=cfg.sampling_parallel)
+    lim = EngineLimits.of(cfg, budget, itemsize)
     sp, tp = cfg.sequence_parallel_size, cfg.tensor_parallel_size
     choice = choose_threshold(m, model_name, sp, tp, calib, lim)
     return cfg.replace(shift_threshold=choice.threshold), choice.message(Layout(tp, sp=sp))
