@@ -262,7 +262,7 @@ def _delta(index: int, out: SeqOutput, stop: list[str]) -> CompletionOutput:
     the stop completes) or an unfinished UTF-8 character."""
     end = len(out.text)
     if out.finish_reason is None:
-        end = max(out.sent_chars, end - unsettled_tail(out.text, stop))
+        end = max(out.sent_chars, end - _unsettled_tail(out.text, stop))
     tokens = slice(out.sent_tokens, len(out.token_ids))
     delta = CompletionOutput(index, out.text[out.sent_chars : end], out.token_ids[tokens], out.cumulative_logprob,
                              out.logprobs[tokens] if out.logprobs is not None else None,
@@ -271,7 +271,7 @@ def _delta(index: int, out: SeqOutput, stop: list[str]) -> CompletionOutput:
     return delta
 
 
-def unsettled_tail(text: str, stop: list[str]) -> int:
+def _unsettled_tail(text: str, stop: list[str]) -> int:
     """How many trailing characters may still change: an unfinished UTF-8 character (decoded as U+FFFD until its
     last byte comes) or the start of a stop string (the text is cut back once the stop completes)."""
     hold = len(text) - len(text.rstrip("\ufffd"))
