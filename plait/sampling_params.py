@@ -9,11 +9,15 @@ _EPS = 1e-5
 
 
 class RequestOutputKind(Enum):
-    """vLLM's names. CUMULATIVE: an output each step a request progresses, with everything so far (streaming).
-    FINAL_ONLY: an output when a completion of the request ends, the last one with every completion done; the
-    offline API asks for this, so a long batch does not rebuild every request's outputs on every step."""
+    """vLLM's names. CUMULATIVE: an output each step a request progresses, with everything so far.
+    DELTA: an output each step a completion gets tokens, with only what is new (`plait.outputs` says how deltas
+    add up); the server asks for this, so a step's outputs stay the size of a step, not of every request so far,
+    where they cross a pipe. FINAL_ONLY: an output when a completion of the request ends, the last one with every
+    completion done; the offline API asks for this, so a long batch does not rebuild every request's outputs on
+    every step."""
 
     CUMULATIVE = 0
+    DELTA = 1
     FINAL_ONLY = 2
 
 

@@ -162,8 +162,9 @@ def test_completion_logprobs(client):
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
     for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
         assert 1 <= len(top) <= 3 and chosen == pytest.approx(max(top.values()))  # greedy takes the top token
-    streamed = [t for c in client.completions.create(**kwargs, stream=True) for t in c.choices[0].logprobs.tokens]
-    assert streamed == lp.tokens
+    streamed = [c.choices[0].logprobs for c in client.completions.create(**kwargs, stream=True)]
+    assert [t for s in streamed for t in s.tokens] == lp.tokens
+    assert [o for s in streamed for o in s.text_offset] == lp.text_offset  # counted from the completion's start
 
 
 def test_chat_logprobs(client):

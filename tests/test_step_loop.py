@@ -239,6 +239,36 @@ def test_final_only_requests_give_the_same_outputs_once_a_completion_ends(folder
     assert seen and all(any(c.finish_reason is not None for c in out.outputs) for out in seen)
 
 
+def test_delta_requests_add_up_to_the_cumulative_outputs(folder, reference):
+    """The server's output kind: each output carries only its step's new tokens (one per completion at most),
+    the prompt only in the first, and the deltas add up to the plain loop's outputs, text held back before a
+    stop string included, with the output process behind an asynchronous loop."""
+    prompts, params, want = reference
+    delta = [dataclasses.replace(p, output_kind=RequestOutputKind.DELTA) for p in params]
+    llm = LLM(folder, **ENGINE, async_scheduling=True, async_output_proc=True)
+    whole: dict[str, object] = {}
+    step = llm.engine.step
+
+    def add_up():
+        outs = step()
+        for out in outs:
+            assert out.outputs and all(len(c.token_ids) == 1 for c in out.outputs), out
+            if out.request_id not in whole:
+                assert out.prompt_token_ids == prompts[int(out.request_id)]
+                whole[out.request_id] = out
+            else:
+                assert out.prompt_token_ids == [] and out.prompt_logprobs is None
+                whole[out.request_id].add(out)
+        return outs
+
+    llm.engine.step = add_up
+    try:
+        drive(llm, prompts, delta)
+    finally:
+        llm.shutdown()
+    assert_same_outputs({rid: out for rid, out in whole.items() if out.finished}, want)
+
+
 # --- spread sampling draws from the filtered distribution ----------------------------------------------------------
 
 

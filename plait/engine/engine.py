@@ -247,9 +247,9 @@ class LLMEngine:
             state = self.requests.get(out.request_id)
             if state is None:
                 continue
-            for completion, seq in zip(out.outputs, state.seqs):
+            for completion in out.outputs:  # a DELTA output holds only the completions that changed
                 if completion.finish_reason is not None:
-                    self._finish_seq(seq, completion.finish_reason)
+                    self._finish_seq(state.seqs[completion.index], completion.finish_reason)
             if out.finished:
                 self._finish(out.request_id, "stop")
             delivered.append(out)

@@ -123,6 +123,8 @@ class SeqOutput:
     cumulative_logprob: float | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    sent_tokens: int = 0  # how much of it DELTA outputs have sent
+    sent_chars: int = 0
 
 
 @dataclass
@@ -130,6 +132,7 @@ class RequestState:
     request: NewRequest
     outs: list[SeqOutput]
     prompt_logprobs: list[PositionLogprobs | None] | None = None
+    prompt_sent: bool = False  # a DELTA output has carried the prompt
 
     @property
     def finished(self) -> bool:
@@ -156,7 +159,8 @@ class OutputProcessor:
 
     def process(self, step: StepOutputs) -> list[RequestOutput]:
         """Apply one step (at most one token per sequence); returns an output per touched request that wants one
-        (`RequestOutputKind`), a finished request once, then forgotten."""
+        (`RequestOutputKind`; a DELTA request only when a completion got tokens), a finished request once, then
+        forgotten."""
         for d in step.prompts:
             state = self.states.get(d.request_id)
             if state is not None:
@@ -179,7 +183,11 @@ class OutputProcessor:
             state = self.states.get(request_id)
             if state is None:
                 continue
-            if state.request.params.output_kind is RequestOutputKind.CUMULATIVE or request_id in ended_ids:
+            kind = state.request.params.output_kind
+            if kind is RequestOutputKind.DELTA:
+                if (delta := self._delta_output(state)) is not None:
+                    outputs.append(delta)
+            elif kind is RequestOutputKind.CUMULATIVE or request_id in ended_ids:
                 outputs.append(self._request_output(state))
             if state.finished:
                 del self.states[request_id]
@@ -233,3 +241,43 @@ class OutputProcessor:
         req = state.request
         prompt_lps = list(state.prompt_logprobs) if state.prompt_logprobs is not None else None
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, prompt_lps, outputs, state.finished)
+
+    @staticmethod
+    def _delta_output(state: RequestState) -> RequestOutput | None:
+        """What this step added to the request, or None when no completion got a token (a prefill chunk)."""
+        stop = state.request.params.stop
+        completions = [_delta(i, out, stop) for i, out in enumerate(state.outs) if out.sent_tokens < len(out.token_ids)]
+        if not completions:
+            return None
+        req, first = state.request, not state.prompt_sent
+        state.prompt_sent = True
+        prompt_lps = list(state.prompt_logprobs) if first and state.prompt_logprobs is not None else None
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids if first else [], prompt_lps,
+                             completions, state.finished)
+
+
+def _delta(index: int, out: SeqOutput, stop: list[str]) -> CompletionOutput:
+    """The completion's tokens and text since its last delta (which this one becomes). Text that may still change
+    is held back until it settles or the sequence ends: a trailing start of a stop string (the text is cut back if
+    the stop completes) or an unfinished UTF-8 character."""
+    end = len(out.text)
+    if out.finish_reason is None:
+        end = max(out.sent_chars, end - _unsettled_tail(out.text, stop))
+    tokens = slice(out.sent_tokens, len(out.token_ids))
+    delta = CompletionOutput(index, out.text[out.sent_chars : end], out.token_ids[tokens], out.cumulative_logprob,
+                             out.logprobs[tokens] if out.logprobs is not None else None,
+                             out.finish_reason, out.stop_reason)
+    out.sent_tokens, out.sent_chars = tokens.stop, end
+    return delta
+
+
+def _unsettled_tail(text: str, stop: list[str]) -> int:
+    """How many trailing characters may still change: an unfinished UTF-8 character (decoded as U+FFFD until its
+    last byte comes) or the start of a stop string (the text is cut back once the stop completes)."""
+    hold = len(text) - len(text.rstrip("\ufffd"))
+    for s in stop:
+        for k in range(min(len(s) - 1, len(text)), hold, -1):
+            if s.startswith(text[-k:]):
+                hold = k
+                break
+    return hold

@@ -24,10 +24,11 @@ def _token(lp: Logprob) -> dict:
     return {"token": text, "logprob": lp.logprob, "bytes": list(text.encode("utf-8"))}
 
 
-def _logprobs(c: CompletionOutput, new: slice, k: int) -> dict:
-    """The chat API's logprobs: per token, its own logprob and the k most likely alternatives."""
+def _logprobs(c: CompletionOutput, k: int) -> dict:
+    """The chat API's logprobs for the tokens of `c` (a delta, or the whole completion): per token, its own
+    logprob and the k most likely alternatives."""
     return {"content": [{**_token(position[token_id]), "top_logprobs": [_token(lp) for lp in top_logprobs(position, k)]}
-                        for token_id, position in zip(c.token_ids[new], c.logprobs[new])]}
+                        for token_id, position in zip(c.token_ids, c.logprobs)]}
 
 
 @router.post("/v1/chat/completions")
@@ -42,25 +43,26 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request) -> R
     k = params.logprobs
     streams = [server.loop.generate(head["id"], ids, params, arrival)]
     if body.stream:
-        return event_stream(_chunks({**head, "object": "chat.completion.chunk"}, streams, params.n, params.stop, k,
+        return event_stream(_chunks({**head, "object": "chat.completion.chunk"}, streams, params.n, k,
                                     body.include_usage), streams)
     (out,) = await collect(raw, streams)
     usage = Usage()
     usage.add(out)
     choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                "logprobs": _logprobs(c, slice(0, len(c.token_ids)), k) if k is not None else None,
+                "logprobs": _logprobs(c, k) if k is not None else None,
                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in out.outputs]
     return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": usage.as_dict()})
 
 
-async def _chunks(head: dict, streams: list[RequestStream], n: int, stop: list[str], k: int | None,
+async def _chunks(head: dict, streams: list[RequestStream], n: int, k: int | None,
                   include_usage: bool) -> AsyncIterator[dict]:
     usage = Usage()
-    async with aclosing(choice_deltas(streams, n, stop, usage)) as deltas:
+    async with aclosing(choice_deltas(streams, n, usage)) as deltas:
         async for d in deltas:
-            delta = {"role": "assistant", "content": d.text} if d.first else {"content": d.text}
+            text = d.output.text
+            delta = {"role": "assistant", "content": text} if d.first else {"content": text}
             choice = {"index": d.index, "delta": delta,
-                      "logprobs": _logprobs(d.output, d.new_tokens, k) if k is not None else None,
+                      "logprobs": _logprobs(d.output, k) if k is not None else None,
                       "finish_reason": d.output.finish_reason, "stop_reason": d.output.stop_reason}
             yield {**head, "choices": [choice]}
     if include_usage:

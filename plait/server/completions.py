@@ -32,11 +32,11 @@ def _prompt_ids(prompt: str | list, tokenizer: ServerTokenizer) -> list[list[int
     return [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
 
 
-def _logprobs(c: CompletionOutput, new: slice, k: int) -> dict:
-    """OpenAI's legacy logprobs object for tokens `new` of one choice; offsets count from the completion's start."""
+def _logprobs(c: CompletionOutput, offset: int, k: int) -> dict:
+    """OpenAI's legacy logprobs object for the tokens of `c` (a delta, or the whole completion); text offsets count
+    from the completion's start, `offset` being the characters of its tokens before these."""
     tokens, token_logprobs, tops, offsets = [], [], [], []
-    offset = sum(len(c.logprobs[i][t].decoded_token or "") for i, t in enumerate(c.token_ids[: new.start]))
-    for token_id, position in zip(c.token_ids[new], c.logprobs[new]):
+    for token_id, position in zip(c.token_ids, c.logprobs):
         chosen = position[token_id]
         tokens.append(chosen.decoded_token)
         token_logprobs.append(chosen.logprob)
@@ -46,8 +46,13 @@ def _logprobs(c: CompletionOutput, new: slice, k: int) -> dict:
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
 
 
-def _choice(index: int, text: str, c: CompletionOutput, new: slice, k: int | None) -> dict:
-    return {"index": index, "text": text, "logprobs": _logprobs(c, new, k) if k is not None else None,
+def _token_chars(c: CompletionOutput) -> int:
+    """The characters of the tokens of `c`, as text_offset counts them."""
+    return sum(len(position[token_id].decoded_token or "") for token_id, position in zip(c.token_ids, c.logprobs))
+
+
+def _choice(index: int, c: CompletionOutput, offset: int, k: int | None) -> dict:
+    return {"index": index, "text": c.text, "logprobs": _logprobs(c, offset, k) if k is not None else None,
             "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
 
 
@@ -63,21 +68,23 @@ async def create_completion(body: CompletionRequest, raw: Request) -> Response:
             "model": server.model_name}
     streams = [server.loop.generate(f"{head['id']}-{i}", ids, params, arrival) for i, ids in enumerate(prompts)]
     if body.stream:
-        return event_stream(_chunks(head, streams, params.n, params.stop, body.logprobs, body.include_usage), streams)
+        return event_stream(_chunks(head, streams, params.n, body.logprobs, body.include_usage), streams)
     finals = await collect(raw, streams)
     usage, choices = Usage(), []
     for i, out in enumerate(finals):
         usage.add(out)
-        choices += [_choice(i * params.n + c.index, c.text, c, slice(0, len(c.token_ids)), body.logprobs)
-                    for c in out.outputs]
+        choices += [_choice(i * params.n + c.index, c, 0, body.logprobs) for c in out.outputs]
     return JSONResponse({**head, "choices": choices, "usage": usage.as_dict()})
 
 
-async def _chunks(head: dict, streams: list[RequestStream], n: int, stop: list[str], k: int | None,
+async def _chunks(head: dict, streams: list[RequestStream], n: int, k: int | None,
                   include_usage: bool) -> AsyncIterator[dict]:
-    usage = Usage()
-    async with aclosing(choice_deltas(streams, n, stop, usage)) as deltas:
+    usage, offsets = Usage(), {}  # offsets: each choice's characters so far, for text_offset
+    async with aclosing(choice_deltas(streams, n, usage)) as deltas:
         async for d in deltas:
-            yield {**head, "choices": [_choice(d.index, d.text, d.output, d.new_tokens, k)]}
+            offset = offsets.get(d.index, 0)
+            if k is not None:
+                offsets[d.index] = offset + _token_chars(d.output)
+            yield {**head, "choices": [_choice(d.index, d.output, offset, k)]}
     if include_usage:
         yield {**head, "choices": [], "usage": usage.as_dict()}

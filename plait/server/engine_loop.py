@@ -168,12 +168,17 @@ class RequestStream:
         return self
 
     async def __anext__(self) -> RequestOutput:
-        """The newest output; outputs are cumulative, so ones that piled up while the client was slow are skipped."""
+        """What the request gained since the last call: the DELTA outputs that piled up while the client was slow
+        come added into one (as vLLM's front end does), so a slow client gets fewer, bigger chunks."""
         if self.finished:
             raise StopAsyncIteration
         item = await self._queue.get()
         while isinstance(item, RequestOutput) and not item.finished and not self._queue.empty():
-            item = self._queue.get_nowait()
+            later = self._queue.get_nowait()
+            if isinstance(later, RequestOutput):
+                item.add(later)
+            else:  # an error, or closed: what piled up no longer matters
+                item = later
         if item is _CLOSED:
             raise StopAsyncIteration
         if isinstance(item, Exception):

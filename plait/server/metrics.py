@@ -30,7 +30,6 @@ _E2E_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 
 class _Timing:
     arrival: float  # time.monotonic() when the HTTP request came in
     last_token: float | None = None
-    num_tokens: int = 0
 
 
 @dataclass
@@ -76,17 +75,16 @@ class ServerMetrics:
         self.prompt_tokens.inc(num_prompt_tokens)
 
     def on_output(self, out: RequestOutput, now: float | None = None) -> None:
-        """Record the tokens this output adds; a step gives each sequence at most one, so the gap is per token."""
+        """Record the tokens of a DELTA output; a step gives each sequence at most one, so the gap is per token."""
         now = time.monotonic() if now is None else now
         timing = self._timings[out.request_id]
-        num_tokens = sum(len(c.token_ids) for c in out.outputs)
-        if num_tokens > timing.num_tokens:
-            self.generation_tokens.inc(num_tokens - timing.num_tokens)
+        if new_tokens := sum(len(c.token_ids) for c in out.outputs):
+            self.generation_tokens.inc(new_tokens)
             if timing.last_token is None:
                 self.ttft.observe(now - timing.arrival)
             else:
                 self.tpot.observe(now - timing.last_token)
-            timing.num_tokens, timing.last_token = num_tokens, now
+            timing.last_token = now
         if out.finished:
             self.e2e.observe(now - timing.arrival)
             self._finish(out.request_id, out.outputs[0].finish_reason or "stop")

@@ -1,4 +1,4 @@
-"""From the engine's cumulative outputs to what each endpoint sends: per-choice deltas, usage, server-sent events.
+"""From the engine's DELTA outputs to what each endpoint sends: per-choice deltas, usage, server-sent events.
 
 Both endpoints stream the same way (only the chunk's shape differs), and both wait on several engine requests
 at once: a completions call may carry many prompts, each an engine request with n choices.
@@ -31,24 +31,10 @@ def top_logprobs(position: PositionLogprobs, k: int) -> list[Logprob]:
     return sorted(position.values(), key=lambda lp: lp.rank or 0)[:k]
 
 
-def _unsettled_tail(text: str, stop: list[str]) -> int:
-    """How many trailing characters may still change: an unfinished UTF-8 character (decoded as U+FFFD until its
-    last byte comes) or the start of a stop string (the engine cuts the text back once the stop completes)."""
-    hold = len(text) - len(text.rstrip("\ufffd"))
-    for s in stop:
-        for k in range(min(len(s) - 1, len(text)), hold, -1):
-            if s.startswith(text[-k:]):
-                hold = k
-                break
-    return hold
-
-
 @dataclass
 class ChoiceDelta:
     index: int  # the choice's index in the response: prompt * n + choice
-    text: str  # new text since the last delta
-    output: CompletionOutput  # the choice so far (token ids, logprobs, finish reason)
-    new_tokens: slice  # which of output.token_ids are new
+    output: CompletionOutput  # what the choice gained: new text, token ids and logprobs; its finish reason
     first: bool  # the first delta of this choice (chat sends the role with it)
 
 
@@ -58,6 +44,7 @@ class Usage:
     completion_tokens: int = 0
 
     def add(self, out: RequestOutput) -> None:
+        """Count a DELTA output (a request's prompt comes with its first one only) or a whole one."""
         self.prompt_tokens += len(out.prompt_token_ids)
         self.completion_tokens += sum(len(c.token_ids) for c in out.outputs)
 
@@ -66,36 +53,17 @@ class Usage:
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
-@dataclass
-class _Cursor:
-    """How much of one choice the client has seen."""
-
-    chars: int = 0
-    tokens: int = 0
-    done: bool = False
-
-
-async def choice_deltas(streams: list[RequestStream], n: int, stop: list[str],
-                        usage: Usage) -> AsyncIterator[ChoiceDelta]:
-    """Each choice's new text and tokens as outputs arrive; `usage` is filled in as requests finish."""
-    cursors: dict[int, _Cursor] = {}
+async def choice_deltas(streams: list[RequestStream], n: int, usage: Usage) -> AsyncIterator[ChoiceDelta]:
+    """Each choice's deltas as the engine's outputs arrive (it holds back text a stop string may still cut);
+    `usage` counts them."""
+    seen: set[int] = set()
     async with aclosing(merge(streams)) as outputs:
         async for prompt_index, out in outputs:
+            usage.add(out)
             for c in out.outputs:
                 index = prompt_index * n + c.index
-                cur = cursors.setdefault(index, _Cursor())
-                if cur.done:
-                    continue
-                finished = c.finish_reason is not None
-                end = len(c.text) if finished else max(cur.chars, len(c.text) - _unsettled_tail(c.text, stop))
-                text, new = c.text[cur.chars:end], slice(cur.tokens, len(c.token_ids))
-                if not text and new.start == new.stop and not finished:
-                    continue
-                first = cur.chars == 0 and cur.tokens == 0
-                cur.chars, cur.tokens, cur.done = end, new.stop, finished
-                yield ChoiceDelta(index, text, c, new, first)
-            if out.finished:
-                usage.add(out)
+                yield ChoiceDelta(index, c, index not in seen)
+                seen.add(index)
 
 
 async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
@@ -133,12 +101,15 @@ async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]
 
 
 async def final_outputs(streams: list[RequestStream]) -> list[RequestOutput]:
-    """Each request's last (finished) output, in the order of `streams`."""
-    last: list[RequestOutput | None] = [None] * len(streams)
+    """Each request's whole output, its deltas added up, in the order of `streams`."""
+    whole: list[RequestOutput | None] = [None] * len(streams)
     async with aclosing(merge(streams)) as outputs:
         async for i, out in outputs:
-            last[i] = out
-    return last
+            if whole[i] is None:
+                whole[i] = out
+            else:
+                whole[i].add(out)
+    return whole
 
 
 async def collect(request: Request, streams: list[RequestStream]) -> list[RequestOutput]:
