@@ -73,10 +73,10 @@ def reference(model: PTModel, prompt: list[int], max_tokens: int):
 
 
 @pytest.mark.parametrize("name,ranks,budget", [("t2", 1, None), ("t4", 1, 16), ("t2", 2, 16), ("t2", 4, None),
-                                               ("t4", 2, None), ("t4", 3, 16)])
+                                               ("t4", 2, None), ("t4", 3, 16), ("t4", 4, None)])
 def test_pt_matches_the_reference(pt_models, name, ranks, budget):
-    """1 rank: all tracks (2 or 4 side by side); 2 ranks of t2: a track each; 4 ranks of t2: each track
-    tensor-parallel over 2; t4 on 2 and 3 ranks: several tracks per rank (2+2, 2+1+1). A budget of 16 tokens
+    """1 rank: all tracks (2 or 4 side by side); 2 ranks of t2 and 4 ranks of t4: a track each; 4 ranks of t2: each
+    track tensor-parallel over 2; t4 on 2 and 3 ranks: several tracks per rank (2+2, 2+1+1). A budget of 16 tokens
     chunks the prompts' prefill."""
     folder, model = pt_models[name]
     prompts = random_prompts(4, lo=3, hi=30, seed=ranks)
