@@ -10,11 +10,13 @@ import sys
 from collections import Counter
 
 import numpy as np
+import openai
 import pytest
 import torch
 import torch.distributed as dist
 
 from conftest import assert_generations_match, random_prompts
+from server_process import ServerProcess
 from plait import LLM, SamplingParams
 from plait.comm.communicator import Communicator
 from plait.config import ParallelConfig
@@ -88,6 +90,32 @@ def test_pt_matches_the_reference(pt_models, name, ranks, budget):
     finally:
         llm.shutdown()
     assert_generations_match(prompts, outs, lambda prompt: reference(model, prompt, MAX_TOKENS), atol=1e-4)
+
+
+def test_plait_serve_answers_as_llm_generate(pt_models, tmp_path):
+    """`plait serve --tp 2` on t2 (a track per rank): a greedy /v1/completions gives LLM.generate's tokens. The
+    checkpoint is byte-level with no tokenizer, so the prompt goes as ids and the text is empty: the tokens are
+    compared by their logprobs (a different token at any step would give a different logprob there)."""
+    folder, _ = pt_models["t2"]
+    prompt = random_prompts(1, lo=12, hi=13, seed=5)[0]
+    llm = LLM(folder, dtype="float32", device="cpu", max_model_len=64)
+    try:
+        params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, logprobs=0, ignore_eos=True)
+        (expected,) = llm.generate([prompt], params, use_tqdm=False)[0].outputs
+    finally:
+        llm.shutdown()
+    srv = ServerProcess(tmp_path / "server.log", "--model", folder, "--served-model-name", "pt", "--tp", "2",
+                        "--max-model-len", "64")
+    try:
+        srv.wait_healthy()
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0)
+        (choice,) = client.completions.create(model="pt", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+                                              logprobs=0, extra_body={"ignore_eos": True}).choices
+    finally:
+        srv.stop()
+    assert choice.text == expected.text == "" and choice.finish_reason == "length"
+    wanted = [position[token].logprob for token, position in zip(expected.token_ids, expected.logprobs)]
+    np.testing.assert_allclose(choice.logprobs.token_logprobs, wanted, atol=1e-4, rtol=0)
 
 
 def plait_logits(folder: str, comm: Communicator, ids: list[int]) -> torch.Tensor:
