@@ -1,6 +1,6 @@
 """Parallel Track models: plait on 1, 2, 3 and 4 gloo ranks against the training code's plain PyTorch forward
-(the reference definition), the exact collectives of a forward, the layouts, the presets, and a short training run
-whose checkpoint plait serves with the trainer's logits."""
+(the reference definition), `plait serve` against LLM.generate, the exact collectives of a forward, the layouts, the
+presets, and a short training run whose checkpoint plait serves with the trainer's logits."""
 
 from __future__ import annotations
 
