@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from conftest import make_checkpoint
+from conftest import char_tokenizer, make_checkpoint
 
 from plait import LLM, SamplingParams
 from plait.executor.executor import RankFailure, free_port
@@ -21,17 +21,6 @@ from plait.executor.rendezvous import torchrun_placement
 
 PROMPT_IDS = [5, 17, 42, 99, 7]
 MAX_TOKENS = 12
-
-
-def char_tokenizer(folder) -> None:
-    """One printable character per token id (U+0100 + id), so the text `plait generate` prints is its token ids."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({chr(0x100 + i): i for i in range(256)}, unk_token=chr(0x100)))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(folder)
 
 
 def text_of(ids: list[int]) -> str:
