@@ -53,7 +53,9 @@ def finish(proc: subprocess.Popen, timeout: float = 50) -> tuple[int, str, str]:
     return proc.returncode, out, err
 
 
-def test_two_nodes_give_the_tokens_of_one_process(folder):
+@pytest.mark.parametrize("layout", ["--tp", "--pp"])
+def test_two_nodes_give_the_tokens_of_one_process(folder, layout):
+    """TP=2 or PP=2 (one stage of the two layers per node) over two nodes."""
     ref = LLM(folder, device="cpu", dtype="float32", max_model_len=64)
     try:
         expected = ref.generate([PROMPT_IDS], SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), use_tqdm=False)
@@ -63,8 +65,8 @@ def test_two_nodes_give_the_tokens_of_one_process(folder):
     assert len(expected_ids) >= 4  # enough tokens to tell runs apart
 
     port = free_port()
-    follower = launch(folder, 1, port, "--tp", "2")
-    driver = launch(folder, 0, port, "--tp", "2")
+    follower = launch(folder, 1, port, layout, "2")
+    driver = launch(folder, 0, port, layout, "2")
     code0, out0, err0 = finish(driver)
     code1, _, err1 = finish(follower)
     assert code0 == 0, err0
