@@ -67,6 +67,17 @@ def make_checkpoint(path, family: str, seed: int = 0, num_layers: int = 2, vocab
     return model.eval()
 
 
+def char_tokenizer(folder) -> None:
+    """One printable character per token id (U+0100 + id), so the text `plait generate` prints is its token ids."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({chr(0x100 + i): i for i in range(256)}, unk_token=chr(0x100)))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(folder)
+
+
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
     """family -> (folder, HF reference model)."""

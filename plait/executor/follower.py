@@ -10,8 +10,9 @@ exited or failed), stopping its ranks either way.
 from __future__ import annotations
 
 import multiprocessing as mp
+import select
+import socket
 import sys
-import time
 
 import torch.distributed as dist
 
@@ -46,15 +47,21 @@ def run_follower(cfg: EngineConfig) -> int:
         procs[rank] = ctx.Process(target=worker_main, args=args, daemon=True)
         procs[rank].start()
     try:
-        return _watch(store, layout.node_rank, procs, f"{addr}:{port}")
+        with socket.create_connection((addr, port)) as driver:
+            return _watch(store, layout.node_rank, procs, driver, f"{addr}:{port}")
     finally:
         for proc in procs.values():
             if proc.is_alive():
                 proc.kill()
 
 
-def _watch(store: dist.Store, node: int, procs: dict[int, mp.Process], where: str) -> int:
-    """Beat, and watch the ranks: 0 when all ended cleanly and the driver still listens, else RankFailure."""
+def _watch(store: dist.Store, node: int, procs: dict[int, mp.Process], driver: socket.socket, where: str) -> int:
+    """Beat, and watch the ranks: 0 when all ended cleanly and the driver still listens, else RankFailure.
+
+    `driver` is a plain connection to node 0's store that never sends: it reads end-of-file the moment node 0's
+    process is gone, so the loop waits on it instead of sleeping and stops before a store call fails (a store call
+    that fails logs a C++ stack trace before raising)."""
+    lost = RankFailure(f"node {node} lost node 0's rendezvous at {where}: the driver exited or failed")
     try:
         while True:
             store.add(node_key("beat", node), 1)
@@ -66,6 +73,7 @@ def _watch(store: dist.Store, node: int, procs: dict[int, mp.Process], where: st
             if all(p.exitcode == 0 for p in procs.values()):
                 store.set(node_key("done", node), "1")  # the driver waits for this before closing the store
                 return 0
-            time.sleep(HEARTBEAT_S)
-    except dist.DistError:  # the store went away with the driver's process
-        raise RankFailure(f"node {node} lost node 0's rendezvous at {where}: the driver exited or failed") from None
+            if select.select([driver], [], [], HEARTBEAT_S)[0]:  # readable: the store closed the connection
+                raise lost
+    except dist.DistError:  # the store went away between the check and the call
+        raise lost from None
