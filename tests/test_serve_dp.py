@@ -11,7 +11,7 @@ import aiohttp
 from conftest import char_tokenizer, make_checkpoint
 from server_process import ServerProcess
 
-MAX_TOKENS = 30
+MAX_TOKENS = 80  # long enough that a 50 ms poll sees two running and one waiting, even on a loaded machine
 
 
 def metric(url: str, name: str) -> float:
