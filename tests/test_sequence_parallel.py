@@ -9,7 +9,7 @@ from conftest import random_prompts
 from plait import LLM, SamplingParams
 from plait.comm.profiler import RankTrace
 from plait.comm.trace import collect
-from test_tensor_parallel import PARAMS, assert_same, run
+from test_tensor_parallel import PARAMS, assert_same, run, run_profiled
 
 
 @pytest.mark.parametrize(
@@ -112,6 +112,17 @@ def smollm2_single_rank():
 )
 def test_smollm2_sequence_parallel_matches_single_rank(smollm2_single_rank, tp, sp):
     assert_same(run(None, tp, SMOLLM2_PROMPTS, sequence_parallel_size=sp), smollm2_single_rank)
+
+
+@pytest.mark.slow
+def test_smollm2_shift_matches_single_rank(smollm2_single_rank):
+    """One request at a time: each prefill (6-7 tokens) runs SP, its decodes (1 token <= 4) run TP, then the next
+    prefill runs SP again, so a single generation switches both ways."""
+    outs, trace = run_profiled(None, 1, SMOLLM2_PROMPTS, sequence_parallel_size=2, shift_parallel=True,
+                               shift_threshold=4, max_num_seqs=1)
+    modes = step_modes(trace)
+    assert "ST" in modes and "TS" in modes, modes
+    assert_same(outs, smollm2_single_rank)
 
 
 def test_sequence_parallel_refusals(checkpoints):
