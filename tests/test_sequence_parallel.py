@@ -9,7 +9,7 @@ from conftest import random_prompts
 from plait import LLM, SamplingParams
 from plait.comm.profiler import RankTrace
 from plait.comm.trace import collect
-from test_tensor_parallel import PARAMS, assert_same, run
+from test_tensor_parallel import PARAMS, assert_same, run, run_profiled
 
 
 @pytest.mark.parametrize(
@@ -91,10 +91,38 @@ def test_shift_with_requests_arriving_and_finishing_matches_solo_runs(checkpoint
         solo.shutdown()
 
 
+SMOLLM2_PROMPTS = [[1, 504, 3575, 282, 4649, 314], [1, 9690, 198, 2683, 359, 253, 5356]]
+
+
+@pytest.fixture(scope="module")
+def smollm2_single_rank():
+    """The embedded SmolLM2 on one rank: the reference of every SmolLM2 case below, computed once."""
+    return run(None, 1, SMOLLM2_PROMPTS)
+
+
 @pytest.mark.slow
-def test_smollm2_sequence_parallel_matches_single_rank():
-    prompts = [[1, 504, 3575, 282, 4649, 314], [1, 9690, 198, 2683, 359, 253, 5356]]
-    assert_same(run(None, 1, prompts, sequence_parallel_size=2), run(None, 1, prompts))
+@pytest.mark.parametrize(
+    "tp,sp",
+    [
+        (1, 2),  # 9 query / 3 KV heads split 5 + 4: a KV head on both ranks
+        (1, 3),  # 3 query heads and 1 KV head per rank
+        (2, 2),  # 4 processes: heads split 3+2+2+2 (TP shards of 5 and 4 heads)
+    ],
+    ids=["sp2", "sp3", "sp2xtp2"],
+)
+def test_smollm2_sequence_parallel_matches_single_rank(smollm2_single_rank, tp, sp):
+    assert_same(run(None, tp, SMOLLM2_PROMPTS, sequence_parallel_size=sp), smollm2_single_rank)
+
+
+@pytest.mark.slow
+def test_smollm2_shift_matches_single_rank(smollm2_single_rank):
+    """One request at a time: each prefill (6-7 tokens) runs SP, its decodes (1 token <= 4) run TP, then the next
+    prefill runs SP again, so a single generation switches both ways."""
+    outs, trace = run_profiled(None, 1, SMOLLM2_PROMPTS, sequence_parallel_size=2, shift_parallel=True,
+                               shift_threshold=4, max_num_seqs=1)
+    modes = step_modes(trace)
+    assert "ST" in modes and "TS" in modes, modes
+    assert_same(outs, smollm2_single_rank)
 
 
 def test_sequence_parallel_refusals(checkpoints):
