@@ -195,7 +195,8 @@ class ModelRunner:
             hidden = self._forward_eager(inputs)
             if hidden is None:
                 return None
-            logits = self.model.compute_logits(hidden[rows]) if rows else None  # [N, vocab] on every last-stage rank
+            # index_select with a pinned copy: hidden[rows] would copy the list pageable, and wait for the GPU
+            logits = self.model.compute_logits(hidden.index_select(0, self._as_tensor(rows))) if rows else None
         if self.sampler is None:
             return None
         return self.sampler.run([s.seq_id for s in plan.seqs], logits, sample_rows, prompt_spans, self.mirrors)

@@ -126,6 +126,39 @@ def test_async_step_loop_matches_sync(checkpoint, single_rank_fp32, kw):
 
 
 @needs_cuda
+@pytest.mark.parametrize("eager", [False, True], ids=["graphs", "eager"])
+def test_async_submit_never_waits_for_the_gpu(checkpoint, eager):
+    """With two plans in flight, launching plan N+1 must not wait for the GPU: a host-device sync there holds plan
+    N's tokens until plan N+1 has run (a big prompt step then lands in the earlier requests' first-token time).
+    Every kind of step (eager and graph prefills, mixed steps, decodes; prompt logprobs, penalties, seeds) is
+    launched under torch's sync debug mode set to error, after a warm-up run has tuned the kernels."""
+    llm = LLM(checkpoint[0], dtype="float32", device="cuda", max_model_len=512, kv_cache_memory_bytes=1 << 30,
+              max_num_seqs=4, max_num_batched_tokens=64, async_scheduling=True, enforce_eager=eager,
+              enable_prefix_caching=False)  # the second run takes the first run's (tuned) paths
+    engine = llm.engine
+    prompts = [list(range(3, 3 + n)) for n in (5, 40, 17, 90, 3, 64, 33, 8)]
+    params = [SamplingParams(temperature=0, max_tokens=12, logprobs=2, prompt_logprobs=1, ignore_eos=True),
+              SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=3, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=0, repetition_penalty=1.2, presence_penalty=0.5, max_tokens=12)]
+    submit = engine.submit_step
+
+    def checked_submit():
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            submit()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    try:
+        warm = llm.generate(prompts, [params[i % 3] for i in range(len(prompts))], use_tqdm=False)
+        engine.submit_step = checked_submit
+        again = llm.generate(prompts, [params[i % 3] for i in range(len(prompts))], use_tqdm=False)
+    finally:
+        llm.shutdown()
+    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in warm]
+
+
+@needs_cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 @pytest.mark.parametrize("kw", MULTI_GPU, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
 def test_two_gpu_modes_match_single_rank(checkpoint, single_rank_fp32, kw):
