@@ -68,6 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile-max-input", type=int, default=2048, help="profile (eager) only prompts up to this length")
     p.add_argument("--output-len", type=int, default=8)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--async-scheduling", choices=("auto", "on", "off"), default="auto",
+                   help="the engine's scheduling (auto: its default, asynchronous on GPU); a grid of each mode lets "
+                        "`plait calibrate --fit-from` tell host time from GPU time")
     p.add_argument("--budget-s", type=float, default=540.0, help="stop starting new work after this many seconds")
     p.add_argument("--calibration-s", type=float, default=90.0, help="time for `plait calibrate` (it keeps what it "
                                                                       "measured by then)")
@@ -124,6 +127,7 @@ def engine_config(name: str, args: argparse.Namespace):
     return EngineConfig(model=args.model, load_format="dummy", device=args.device, dtype=dtype, tensor_parallel_size=tp,
                         pipeline_parallel_size=pp, max_model_len=max(n for _, n in full) + args.output_len + 16,
                         max_num_seqs=max(b for b, _ in full), max_num_batched_tokens=args.max_num_batched_tokens,
+                        async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
                         # the model prices all-reduce then norm (not the fused op), and every prompt computed (points
                         # of one seed share their leading tokens, which the prefix cache would skip)
                         fused_allreduce_norm="off", enable_prefix_caching=False)

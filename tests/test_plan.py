@@ -134,33 +134,56 @@ def test_parallel_track_collectives_and_shards():
         Layout(2, pp=2).check(m)
 
 
-def test_fit_recovers_the_engine_terms_from_a_grid(llama8b):
-    """`plait calibrate --fit-from`: measurements made by the model with known terms are fitted back from a
-    different start, on tp1 and tp2 only (the tp4 points are left out and must not be used)."""
-    from plait.plan.fit import TERMS, fit_validation
-
-    truth = h200_defaults()
-    # synchronous scheduling: the host's time adds to every step, so its terms show in the measurements
+def _grid(m, truth, async_scheduling: bool) -> dict:
+    """A validation grid whose 'measurements' are the model's own figures with the `truth` terms; tp4's are
+    doubled, so a fit that used them would be spoiled."""
     engine = {"dtype": "bfloat16", "max_num_batched_tokens": 8192, "max_num_seqs": 32, "max_prefill_graph_tokens": 512,
-              "async_scheduling": False}
+              "async_scheduling": async_scheduling}
     lim = EngineLimits.recorded(engine, EngineLimits().features())
     configs = {}
     for name, tp in (("tp1", 1), ("tp2", 2), ("tp4", 4)):
         points = []
         for b, n in ((1, 128), (8, 128), (32, 128), (1, 2048), (1, 8192), (8, 2048), (32, 2048), (8, 8192)):
-            p = predict(llama8b, Layout(tp), b, n, 8, truth, lim)
-            scale = 2.0 if name == "tp4" else 1.0  # would spoil the fit if it were used
+            p = predict(m, Layout(tp), b, n, 8, truth, lim)
+            scale = 2.0 if name == "tp4" else 1.0
             points.append({"batch": b, "input_len": n, "output_len": 8, "ttft_ms": scale * 1e3 * p.ttft_s,
                            "tpot_ms": scale * 1e3 * p.tpot_s})
         configs[name] = {"tp": tp, "pp": 1, "points": points, "engine": engine, "features": lim.features()}
+    return {"model": "llama3-8b", "configs": configs, "device": "NVIDIA H200", "git_commit": "abc"}
+
+
+def test_fit_recovers_the_engine_terms_from_a_grid(llama8b):
+    """`plait calibrate --fit-from`: measurements made by the model with known terms are fitted back from a
+    different start, on tp1 and tp2 only (the tp4 points are left out and must not be used). A synchronous grid
+    shows the host's time in every step; the eager and attention terms come out of it alone."""
+    from plait.plan.fit import TERMS, fit_validation
+
+    truth = h200_defaults()
+    sync = _grid(llama8b, truth, async_scheduling=False)
     start = dataclasses.replace(truth, **{k: 1.5 * getattr(truth, k) for k in TERMS})
-    fitted = fit_validation(start, {"model": "llama3-8b", "configs": configs})
-    assert fitted.fit_configs == ["tp1", "tp2"] and "16 timed points of tp1, tp2" in fitted.notes[-1]
+    fitted = fit_validation(start, [sync])
+    assert fitted.fit_configs == ["tp1", "tp2"] and "16 timed points of tp1, tp2 (sync scheduling" in fitted.notes[-1]
     for k in ("host_step_s", "eager_layer_s", "eager_seq_layer_s", "eager_collective_s", "paged_attention_efficiency",
               "decode_token_s"):
         assert getattr(fitted, k) == pytest.approx(getattr(truth, k), rel=0.05), k
     with pytest.raises(ValueError, match="no timed points of pp2"):
-        fit_validation(start, {"model": "llama3-8b", "configs": configs}, ("pp2",))
+        fit_validation(start, [sync], ("pp2",))
+    with pytest.raises(ValueError, match="different models"):
+        fit_validation(start, [sync, {**sync, "model": "qwen2.5-32b"}])
+
+
+def test_fit_of_both_schedulings_tells_host_time_from_graph_time(llama8b):
+    """A grid of each scheduling mode fitted together (every point of both used): the host's terms, which only
+    the synchronous steps add to the GPU's, and the graph's per-layer time, which both show, come back."""
+    from plait.plan.fit import TERMS, fit_validation
+
+    truth = dataclasses.replace(h200_defaults(), graph_layer_s=20e-6)
+    grids = [_grid(llama8b, truth, async_scheduling=mode) for mode in (False, True)]
+    start = dataclasses.replace(truth, **{k: 1.5 * getattr(truth, k) for k in TERMS})
+    fitted = fit_validation(start, grids)
+    assert "32 timed points of tp1, tp2 (async+sync scheduling" in fitted.notes[-1]
+    for k in ("host_step_s", "graph_layer_s"):
+        assert getattr(fitted, k) == pytest.approx(getattr(truth, k), rel=0.05), k
 
 
 def test_predictions_tp_dp_and_memory(llama8b):

@@ -176,9 +176,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="also fit the engine's overheads by running this model (dummy weights) at TP=1 and TP=world")
     parser.add_argument("--from", dest="from_file", default=None, metavar="FILE",
                         help="start from this calibration instead of measuring (with --engine-model: fit overheads only)")
-    parser.add_argument("--fit-from", default=None, metavar="RESULTS",
-                        help="fit the engine's terms to a benchmarks/comm_validate.py comm_validation.json (starting "
-                             "from --from, default the calibration beside it); no measuring")
+    parser.add_argument("--fit-from", default=None, nargs="+", metavar="RESULTS",
+                        help="fit the engine's terms to benchmarks/comm_validate.py comm_validation.json files of one "
+                             "model (one grid per scheduling mode tells host time from GPU time), starting from "
+                             "--from, default the calibration beside the first; no measuring")
     parser.add_argument("--fit-configs", default=",".join(DEFAULT_CONFIGS),
                         help="with --fit-from: the configurations fitted (the rest are held out)")
     parser.add_argument("--timeout", type=float, default=180.0,
@@ -223,16 +224,19 @@ def main(args: argparse.Namespace) -> Calibration | None:
 
 
 def _fit_from(args: argparse.Namespace) -> Calibration:
-    """--fit-from: the engine's terms fitted to a validation grid's timed points (`fit.fit_validation`)."""
-    with open(args.fit_from) as f:
-        data = json.load(f)
-    start = args.from_file or os.path.join(os.path.dirname(os.path.abspath(args.fit_from)), data.get("calibration") or "")
+    """--fit-from: the engine's terms fitted to validation grids' timed points (`fit.fit_validation`)."""
+    grids = []
+    for path in args.fit_from:
+        with open(path) as f:
+            grids.append(json.load(f))
+    first = os.path.dirname(os.path.abspath(args.fit_from[0]))
+    start = args.from_file or os.path.join(first, grids[0].get("calibration") or "")
     if not os.path.isfile(start):
         raise ValueError(f"--fit-from needs a calibration to start from: give --from (no {start!r})")
-    calib = fit_validation(Calibration.load(start), data, tuple(c for c in args.fit_configs.split(",") if c))
+    calib = fit_validation(Calibration.load(start), grids, tuple(c for c in args.fit_configs.split(",") if c))
     calib.save(args.output)
-    print(f"calibration fitted to {args.fit_from} ({', '.join(calib.fit_configs)}) written to {args.output}\n  "
-          f"{calib.notes[-1]}")
+    print(f"calibration fitted to {', '.join(args.fit_from)} ({', '.join(calib.fit_configs)}) written to "
+          f"{args.output}\n  {calib.notes[-1]}")
     return calib
 
 
