@@ -247,7 +247,8 @@ def test_throughput_bench_reports_how_busy_the_gpu_was(checkpoint):
     throughput.add_args(parser)  # the command's own parser: its defaults, so the test sees every field it reads
     args = parser.parse_args(["--num-prompts", "16", "--input-len", "32", "--output-len", "16"])
     cfg = EngineConfig(model=checkpoint[0], dtype="bfloat16", device="cuda", kv_cache_memory_bytes=1 << 30)
-    result = throughput.measure(cfg, args)
+    with throughput.warm_engine(cfg, args) as engine:
+        result = throughput.measure(engine, args)
     assert result["output_tokens"] == 16 * 16 and len(result["gpu_timeline"]) == 1
     assert 0.0 < result["gpu_busy_fraction"][0] <= 1.0
 
