@@ -182,6 +182,15 @@ def test_gguf_config_and_tokenizer():
     )
 
 
+def test_gguf_config_is_parsed_once_per_process_and_each_caller_gets_a_copy(monkeypatch):
+    src = resolve_model(None)
+    first = load_hf_config(src)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", lambda *a, **k: pytest.fail("parsed again"))
+    first.num_hidden_layers = 1  # a caller's edit stays its own
+    again = load_hf_config(src)
+    assert again is not first and again.num_hidden_layers == 30
+
+
 def test_explicit_tokenizer_serves_a_preset(tmp_path):
     os.symlink(default_model_path(), tmp_path / "tok.gguf")
     assert len(load_tokenizer(resolve_model("smollm2-135m"), str(tmp_path / "tok.gguf"))) == 49152

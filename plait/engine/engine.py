@@ -88,6 +88,7 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(src, cfg.tokenizer)
         self.eos_token_ids = eos = _eos_ids(hf_config, self.tokenizer)
         self.executor = make_executor(cfg, {
+            "model_config": self.model_config,  # so no rank parses the checkpoint's config again
             "max_model_len": self.sched_config.max_model_len,
             "max_num_batched_tokens": self.sched_config.max_num_batched_tokens,
             "eos_token_ids": eos,

@@ -17,7 +17,7 @@ import torch
 
 from plait.comm.communicator import Communicator
 from plait.comm.profiler import CommProfiler
-from plait.config import EngineConfig
+from plait.config import EngineConfig, ModelConfig
 from plait.core import StepPlan
 from plait.engine.cuda_graph import (DecodeGraphs, MixedGraphs, PrefillGraphs, StepInputs, graph_buckets,
                                      graph_output_bytes, graph_token_cap, mixed_buckets, prefill_graph_tokens,
@@ -27,8 +27,8 @@ from plait.engine.sampled_tokens import SampledTokens
 from plait.engine.sampler import to_device
 from plait.engine.step_sampling import PendingResult, StepSampler
 from plait.layers.attention import AttentionMetadata, attends_prompt_by_prompt, prefill_work
-from plait.models.loader import iter_weights, load_hf_config, resolve_model
-from plait.models.registry import build_model, model_config_from_hf
+from plait.models.loader import iter_weights, resolve_model
+from plait.models.registry import build_model
 from plait.models.weights import init_dummy_weights, load_weights
 from plait.parallel.context import RankContext
 from plait.parallel.pipeline import PipelineStage, stage_layers
@@ -40,12 +40,14 @@ _SYMM_MEM_BYTES = 4 << 20  # all-reduces up to this size use symmetric memory; N
 
 
 class ModelRunner:
-    def __init__(self, cfg: EngineConfig, ctx: RankContext, max_model_len: int, max_num_batched_tokens: int,
-                 eos_token_ids: set[int]):
+    def __init__(self, cfg: EngineConfig, ctx: RankContext, model_config: ModelConfig, max_model_len: int,
+                 max_num_batched_tokens: int, eos_token_ids: set[int]):
+        """`model_config` is the driver's: a rank reads the checkpoint's config from it instead of from the file,
+        which for a GGUF would cost seconds per rank."""
         self.cfg, self.ctx, self.comm = cfg, ctx, ctx.tp
         self.device = torch.device(cfg.resolved_device(), torch.cuda.current_device() if cfg.resolved_device() == "cuda" else None)
         src = resolve_model(cfg.model)
-        self.model_cfg = model_config_from_hf(load_hf_config(src))
+        self.model_cfg = model_config
         self.dtype = cfg.torch_dtype(getattr(self.model_cfg.hf_config, "dtype", None))
         if cfg.sequence_parallel_size > 1:
             self.plan = SequenceParallel(ctx.sp, ctx.tp, ctx.stage_group, cfg.shift_threshold if cfg.shift_parallel else None)

@@ -6,6 +6,8 @@ its own shard of each tensor and a rank of a 70B model never holds a whole check
 
 from __future__ import annotations
 
+import copy
+import functools
 import glob
 import importlib.util
 import json
@@ -83,11 +85,20 @@ def _gguf_name(path: str) -> str:
 
 
 def load_hf_config(src: ModelSource) -> PretrainedConfig:
+    """A config of the caller's own: a GGUF's is a copy of the one this process parsed (see `_gguf_config`)."""
     if src.kind == "hf":
         return AutoConfig.from_pretrained(src.path)
     if src.kind == "gguf":
-        return AutoConfig.from_pretrained(os.path.dirname(src.path), gguf_file=os.path.basename(src.path))
+        return copy.deepcopy(_gguf_config(src.path, os.stat(src.path).st_mtime_ns))
     return preset_config(src.path)
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_config(path: str, mtime_ns: int) -> PretrainedConfig:
+    """Once per process and file version: transformers reads every metadata field to build a GGUF's config, the
+    whole vocabulary included, which takes seconds, and a process may start several engines (data-parallel
+    replicas, the planner, tests). `mtime_ns` is only part of the key, so a file rewritten in place is read again."""
+    return AutoConfig.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
