@@ -235,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibration", default=None, help="default: the calibration.json beside the results, else built-in")
     p.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
     args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
     with open(args.results) as f:
         data = json.load(f)
     folder = os.path.dirname(args.results)

@@ -173,8 +173,10 @@ def _us(values: list[float], note: str = "") -> Curve:
 
 
 def h200_defaults() -> Calibration:
-    """H200 figures from ../shared/DEVICE.md (all-reduce table, GEMM, copy, GEMV) and benchmarks/results/comm (the
-    engine's terms, as `plait calibrate --fit-from` fitted them to the tp1 and tp2 points there).
+    """H200 figures from ../shared/DEVICE.md (all-reduce table, GEMM, copy, GEMV), and the engine's terms as
+    `plait calibrate --fit-from` fitted them to three grids together: the tp1 and tp2 points of
+    benchmarks/results/comm (synchronous, 4x H200) and benchmarks/results/comm_tp1_h200x1 (the engine of 19ac894,
+    asynchronous and synchronous), so host time and per-step GPU time each come from the mode that shows them.
     All-gather and send/recv were not measured there: they are derived, and say so."""
     ar2 = [21.5, 11.8, 13.0, 18.5, 36.3, 76.0, 257]
     ar4_eager = [76.7, 57.5, 64.9, 79.1, 59.0, 96.1, 328]
@@ -207,11 +209,11 @@ def h200_defaults() -> Calibration:
     return Calibration(
         source="built-in defaults: H200 figures of ../shared/DEVICE.md", device="cuda", device_name="NVIDIA H200",
         memory_bytes=139 << 30, matmul_flops=0.85 * 779e12, gemv_bytes_s=3.68e12, copy_bytes_s=4.23e12,
-        attention_efficiency=0.9, curves=curves, host_step_s=1.04e-3, host_per_seq_s=27.7e-6, graph_layer_s=0.0,
-        eager_layer_s=877e-6, eager_seq_layer_s=76.5e-6, eager_collective_s=160e-6, decode_token_s=67.2e-9,
-        paged_attention_efficiency=0.117, sync_per_collective_s=12.3e-6, fit_configs=["tp1", "tp2"],
+        attention_efficiency=0.9, curves=curves, host_step_s=522e-6, host_per_seq_s=16.3e-6, graph_layer_s=20.3e-6,
+        eager_layer_s=748e-6, eager_seq_layer_s=83.2e-6, eager_collective_s=215e-6, decode_token_s=60.1e-9,
+        paged_attention_efficiency=0.183, sync_per_collective_s=12.6e-6, fit_configs=["tp1", "tp2"],
         notes=["matrix rate: the 8192^3 GEMM's 779 TFLOP/s at 85%, as model-shaped GEMMs ran in latency_tp1_bs64",
                "all-gather and all-to-all derived from all-reduce; send/recv assumed",
                "engine terms: fitted to the tp1 and tp2 points of benchmarks/results/comm/comm_validation.json "
-               "(`plait calibrate --fit-from`)"],
+               "(synchronous) and benchmarks/results/comm_tp1_h200x1/{async,sync} (`plait calibrate --fit-from`)"],
     )
