@@ -23,9 +23,9 @@
 #   the same for qwen2.5-32b)
 # Device: run(kind="nvidia-h200-x4", carry=[".whl", ".tok"], timeout_s=600, command="bash benchmarks/gpu_serving.sh")
 # ENGINE_FLAGS="--async-scheduling ..." adds engine flags to every server; WORKLOADS="sat rate" runs only those.
-# The engine in a process of its own against the default thread (one GPU, both in one call):
-#   OUT=$OUT/process ENGINE_FLAGS=--frontend-multiprocessing WORKLOADS="sat rate" bash benchmarks/gpu_serving.sh; \
-#   OUT=$OUT/thread WORKLOADS="sat rate" bash benchmarks/gpu_serving.sh
+# The engine in a process of its own (the default) against a thread of the server (one GPU, both in one call):
+#   OUT=$OUT/process WORKLOADS="sat rate" bash benchmarks/gpu_serving.sh; \
+#   OUT=$OUT/thread ENGINE_FLAGS=--no-frontend-multiprocessing WORKLOADS="sat rate" bash benchmarks/gpu_serving.sh
 # Results: $OUT/serving.json (every run by layout and workload, issue 8's targets met or missed, what was skipped or
 # failed), serving.log, serving.png (TPOT against throughput; the trace's p99 completion time), tp4_rate-*.png.
 # CPU dry run of the plumbing (smollm2-135m dummy weights on 2 ranks, tiny workloads; not a measurement; ~10 min):
@@ -144,4 +144,5 @@ for section in $SECTIONS; do
   fi
   serve "$section"
 done
-$PY benchmarks/serving_report.py "$RUNS" "$OUT" --ranks $G --model $MODEL --skipped "$SKIPPED" --failed "$FAILED"
+$PY benchmarks/serving_report.py "$RUNS" "$OUT" --ranks $G --model $MODEL --skipped "$SKIPPED" --failed "$FAILED" \
+  --command "ENGINE_FLAGS='${ENGINE_FLAGS:-}' WORKLOADS='${WORKLOADS:-}' MODEL=$MODEL BUDGET=$BUDGET bash benchmarks/gpu_serving.sh"

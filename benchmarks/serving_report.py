@@ -14,6 +14,8 @@ import argparse
 import json
 import pathlib
 
+from plait.bench.results import provenance
+
 
 def load(runs_dir: pathlib.Path) -> tuple[dict[str, str], dict[str, dict[str, dict]]]:
     lines = (runs_dir / "layouts.txt").read_text().splitlines() if (runs_dir / "layouts.txt").exists() else []
@@ -101,11 +103,14 @@ def main() -> None:
     p.add_argument("--model", default="llama3-8b", help="the preset served")
     p.add_argument("--skipped", default="", help="sections and runs that did not fit the budget")
     p.add_argument("--failed", default="", help="layouts whose server did not come up, runs that exited non-zero")
+    p.add_argument("--command", default=None, help="the command that made the runs (recorded with commit and device)")
     args = p.parse_args()
     layouts, runs = load(args.runs_dir)
     goals = targets(runs, args.ranks)
     result = {"benchmark": "serving", "model": args.model, "layouts": layouts, "runs": runs, "targets": goals,
-              "skipped": args.skipped.split(), "failed": args.failed.split()}
+              "skipped": args.skipped.split(), "failed": args.failed.split(), **provenance()}
+    if args.command:
+        result["command"] = args.command
     (args.out_dir / "serving.json").write_text(json.dumps(result, indent=1))
     print(table(runs))
     for t in goals:

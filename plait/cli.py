@@ -107,7 +107,10 @@ def _bench_serve(args: argparse.Namespace) -> int:
 def _add_serve(sub) -> None:
     serve = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
     add_engine_args(serve)
-    add_config_args(serve.add_argument_group("server"), ServerConfig)
+    server = serve.add_argument_group("server")
+    add_config_args(server, ServerConfig)
+    server.add_argument("--disable-frontend-multiprocessing", dest="frontend_multiprocessing", action="store_false",
+                        help="vLLM's name for --no-frontend-multiprocessing")
     serve.set_defaults(func=_serve)
 
 

@@ -28,9 +28,9 @@ MAX_SEQS, MAX_WAITING = 32, 8
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """One server for the module, with the engine in a process of its own: the HTTP side then shares nothing with
-    the engine but the pipe, so these tests cover that path; the default thread has a test of its own."""
-    srv = ServerProcess(tmp_path_factory.mktemp("serve") / "server.log", "--frontend-multiprocessing", "--api-key", KEY,
+    """One server for the module, with the engine in a process of its own (the default): the HTTP side shares
+    nothing with the engine but the pipe; the thread (--disable-frontend-multiprocessing) has a test of its own."""
+    srv = ServerProcess(tmp_path_factory.mktemp("serve") / "server.log", "--api-key", KEY,
                         "--max-num-seqs", str(MAX_SEQS), "--max-waiting", str(MAX_WAITING), "--drain-timeout", "60")
     try:
         srv.wait_healthy()
@@ -316,7 +316,7 @@ def test_tp2_server_then_a_rank_dies(client, tmp_path):
     the engine's error (a 500; an error event, then [DONE], in a stream), and the server stops by itself: exit 1,
     the rank named, within seconds (as vLLM's: a supervisor restarts it)."""
     kwargs = dict(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0)
-    tp2 = ServerProcess(tmp_path / "tp2.log", "--frontend-multiprocessing", "--tp", "2")
+    tp2 = ServerProcess(tmp_path / "tp2.log", "--tp", "2")
     try:
         tp2.wait_healthy()
         answer = openai.OpenAI(base_url=f"{tp2.url}/v1", api_key="none", max_retries=0).completions.create(**kwargs)
@@ -353,11 +353,12 @@ def test_tp2_server_then_a_rank_dies(client, tmp_path):
 
 
 def test_thread_path_streamed_and_not(client, tmp_path):
-    """The default: the step loop in a thread of the HTTP process (no process spawned) answers as the
-    --frontend-multiprocessing server does, streamed or not, and drains to exit 0."""
+    """--disable-frontend-multiprocessing (vLLM's name): the step loop in a thread of the HTTP process (no process
+    spawned) answers as the default server, its engine in a process of its own, does, streamed or not, and drains
+    to exit 0."""
     kwargs = dict(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0)
     expected = client.completions.create(**kwargs).choices[0].text
-    srv = ServerProcess(tmp_path / "thread.log")
+    srv = ServerProcess(tmp_path / "thread.log", "--disable-frontend-multiprocessing")
     try:
         srv.wait_healthy()
         assert rank_pids(srv.proc.pid) == []

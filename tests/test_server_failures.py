@@ -36,7 +36,7 @@ def test_a_port_in_use_is_refused_before_the_model_loads(tmp_path):
 
 def test_engine_process_dies(tmp_path):
     """The engine's own process is killed: the request in flight gets the error, and the server exits 1 saying so."""
-    srv = ServerProcess(tmp_path / "engine.log", "--frontend-multiprocessing")
+    srv = ServerProcess(tmp_path / "engine.log")
     try:
         srv.wait_healthy()
         (engine,) = rank_pids(srv.proc.pid)

@@ -1,7 +1,7 @@
 """The engine's step loop and the HTTP side's handle on it, wherever the loop runs.
 
-The loop runs in a thread of the HTTP process (engine_thread.py, the default) or in a process of its own
-(engine_process.py, `--frontend-multiprocessing`). Both are the same two halves joined differently:
+The loop runs in a process of its own (engine_process.py, the default) or in a thread of the HTTP process
+(engine_thread.py, `--no-frontend-multiprocessing`). Both are the same two halves joined differently:
 
 - `StepLoop`, beside the engine: the only code that touches it (the engine is not thread-safe). It applies the
   adds and aborts of its inbox in arrival order between steps, steps while there is work, blocks on the inbox when

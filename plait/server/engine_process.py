@@ -1,4 +1,4 @@
-"""The step loop in a process of its own (`plait serve --frontend-multiprocessing`), as vLLM's front-end/engine split.
+"""The step loop in a process of its own (`plait serve`'s default), as vLLM's front-end/engine split.
 
 Why a process: the HTTP side is Python (JSON, pydantic, server-sent events to many clients), and in one process
 it holds the GIL the step loop needs, so a busy server would slow every step. Here the engine process only steps;

@@ -1,6 +1,7 @@
-"""The step loop in a thread of the HTTP process (the default): no second process, so one debugger and one stack
-trace see both halves; the step loop and the event loop (JSON, server-sent events) take turns on one GIL, which
-measured cheaper than engine_process.py's pipe (docs/serving.md, "Where the step loop runs").
+"""The step loop in a thread of the HTTP process (`--no-frontend-multiprocessing`): no second process, so one
+debugger and one stack trace see both halves; the step loop and the event loop (JSON, server-sent events) take
+turns on one GIL, which measured slower than engine_process.py's pipe at saturation (docs/serving.md, "Where the
+step loop runs").
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""`plait serve`: bind the port, load the engine (in a thread, or in its own process with
-`--frontend-multiprocessing`), run uvicorn; on SIGTERM drain, then exit 0.
+"""`plait serve`: bind the port, load the engine (in its own process, or in a thread with
+`--no-frontend-multiprocessing`), run uvicorn; on SIGTERM drain, then exit 0.
 
 The port is bound first, so a port in use fails at once instead of after minutes of loading; the engine loads
 before uvicorn listens on it, so /health answers only once requests can be served. When the engine fails (a rank
