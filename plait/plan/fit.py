@@ -120,7 +120,7 @@ def fit_validation(calib: Calibration, grids: list[dict], configs: tuple[str, ..
     fitted = _with(calib, x)
     shown = ", ".join(f"{k}={getattr(fitted, k) * (1 if k in SHARES else 1e6):.4g}{'' if k in SHARES else ' us'}"
                       for k in TERMS)
-    modes = sorted({"async" if p.lim.async_scheduling is not False else "sync" for p in points})
+    modes = sorted({"async" if p.lim.resolved_async_scheduling(calib, p.layout) else "sync" for p in points})
     where = "; ".join(sorted({f"{data.get('device', '?')} at {data.get('git_commit', '?')}" for data in grids}))
     note = (f"engine terms fitted to {len(points)} timed points of {', '.join(configs)} ({'+'.join(modes)} "
             f"scheduling; {where}; {grids[0]['model']}): {shown}")
