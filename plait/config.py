@@ -26,6 +26,12 @@ def _help(text: str, **kw: Any) -> Any:
     return field(metadata={"help": text}, **kw)
 
 
+def default_async_scheduling(device: str, pipeline_stages: int) -> bool:
+    """Asynchronous scheduling left to its default: on where it was measured to pay, on the GPU (the host plans
+    while the device computes), with one pipeline stage. The engine and the planner's replay both read it here."""
+    return device == "cuda" and pipeline_stages == 1
+
+
 @dataclass(frozen=True)
 class TrackConfig:
     """The Parallel Track shape of a model (docs/parallel_track.md): `num_tracks` narrow decoder stacks at full
@@ -345,9 +351,8 @@ class EngineConfig:
         return self.device
 
     def resolved_async_scheduling(self) -> bool:
-        """On by default where it was measured to pay: on the GPU the host plans while the device computes."""
         if self.async_scheduling is None:
-            return self.resolved_device() == "cuda" and self.pipeline_parallel_size == 1
+            return default_async_scheduling(self.resolved_device(), self.pipeline_parallel_size)
         return self.async_scheduling
 
     def resolved_attention_backend(self) -> str:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from plait.config import ModelConfig
 from plait.plan.calibration import Calibration
-from plait.plan.predict import EngineLimits, Prediction, predict
+from plait.plan.predict import EngineLimits, Prediction, capacity, predict
 from plait.plan.shapes import Layout
 from plait.plan.shift import choose_threshold
 from plait.plan.workload import Workload
@@ -147,14 +147,16 @@ def evaluate(m: ModelConfig, layout: Layout, w: Workload, goal: str, slo: Slo, c
     p, holds = _at_concurrency(m, layout, w, calib, lim)
     short = f"; saturated below {w.request_rate:g} req/s" if w.request_rate else f"; batch {p.batch} does not fit"
     why = _why(p, cap) + ("" if holds else short)
-    return Choice(p, holds and slo.met(p), why, _served(m, layout, w, p, cap, calib, lim))
+    return Choice(p, holds and slo.met(p), why, _served(m, layout, w, p, holds, cap, calib, lim))
 
 
-def _served(m, layout, w: Workload, p: Prediction, cap: int, calib, lim) -> float:
-    """Output tokens/s: at a rate, min(rate, capacity) x output_len, the capacity being Little's law read the other
-    way (the largest batch that fits over the latency at that batch); else the prediction's, at its batch."""
+def _served(m, layout, w: Workload, p: Prediction, holds: bool, cap: int, calib, lim) -> float:
+    """Output tokens/s: at a rate, the rate's if the layout keeps up with it, else its capacity's, Little's law read
+    the other way (the largest batch that fits over the latency at that batch); without a rate, the prediction's."""
     if w.request_rate is None:
         return p.throughput
+    if holds:
+        return w.request_rate * w.output_len
     full = p if p.batch == cap else predict(m, layout, cap, w.input_len, w.output_len, calib, lim)
     return min(w.request_rate, cap / full.latency_s) * w.output_len
 
@@ -197,10 +199,10 @@ def effective_tp(m: ModelConfig, gpus: int, w: Workload, calib: Calibration, lim
             layout.check(m)
         except ValueError:
             continue
-        full = predict(m, layout, 1, w.input_len, w.output_len, calib, lim).max_batch * layout.dp
-        if full >= 1:
+        full = capacity(m, layout, w.input_len, w.output_len, calib, lim)[1] * layout.dp
+        if full >= 1:  # at its largest batch, which therefore fits
             preds.append(predict(m, layout, full, w.input_len, w.output_len, calib, lim))
-    best = max((p for p in preds if p.fits), key=lambda p: p.throughput, default=None)
+    best = max(preds, key=lambda p: p.throughput, default=None)
     return (best.layout.tp if best else None), preds
 
 

@@ -24,7 +24,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
-from plait.config import EngineConfig, ModelConfig
+from plait.config import EngineConfig, ModelConfig, default_async_scheduling
 from plait.plan.calibration import Calibration
 from plait.plan.collectives import Collective, Sampling, rank_collectives
 from plait.plan.costs import Memory, rank_memory, stage_time, uses_graph
@@ -89,9 +89,9 @@ class EngineLimits:
                    **{name: bool(features.get(name, False)) for name in FEATURES})
 
     def resolved_async_scheduling(self, calib: Calibration, layout: Layout) -> bool:
-        """As `EngineConfig.resolved_async_scheduling`: by default on with a GPU and one pipeline stage."""
+        """As `EngineConfig.resolved_async_scheduling`, on the calibration's device."""
         if self.async_scheduling is None:
-            return calib.device == "cuda" and layout.pp == 1
+            return default_async_scheduling(calib.device, layout.pp)
         return self.async_scheduling
 
     def sampling(self, calib: Calibration, layout: Layout) -> Sampling:
@@ -229,6 +229,17 @@ def kv_batch(memory: Memory, input_len: int, output_len: int, block_size: int) -
     return memory.kv_tokens // (blocks * block_size)
 
 
+def capacity(m: ModelConfig, layout: Layout, input_len: int, output_len: int, calib: Calibration,
+             lim: EngineLimits) -> tuple[Memory, int, int]:
+    """(memory per GPU, sequences of this length one replica holds, the schedulers' sequence limit alone): what
+    does not depend on the batch, so finding the largest batch needs no step replay."""
+    graphs = calib.device == "cuda" and not lim.enforce_eager
+    mem = rank_memory(m, layout, calib, lim.itemsize, lim.max_num_batched_tokens, lim.gpu_memory_utilization,
+                      lim.max_num_seqs if graphs else 0)
+    seqs = lim.max_num_seqs * layout.pp  # one scheduler per stage
+    return mem, min(kv_batch(mem, input_len, output_len, lim.block_size), seqs), seqs
+
+
 def predict(m: ModelConfig, layout: Layout, batch: int, input_len: int, output_len: int, calib: Calibration,
             lim: EngineLimits = EngineLimits()) -> Prediction:
     """A fixed batch of `batch` equal prompts, all arriving at once (as `plait bench latency` runs it)."""
@@ -238,15 +249,12 @@ def predict(m: ModelConfig, layout: Layout, batch: int, input_len: int, output_l
     per_replica = math.ceil(batch / layout.dp)  # the fullest replica sets the pace
     mb = lim.steps(layout, per_replica, input_len, output_len)
     tl = _replay(m, layout, mb, calib, lim, output_len)
-    graphs = calib.device == "cuda" and not lim.enforce_eager
-    mem = rank_memory(m, layout, calib, lim.itemsize, lim.max_num_batched_tokens, lim.gpu_memory_utilization,
-                      lim.max_num_seqs if graphs else 0)
     first, last = mb[0][0], mb[0][-1]
-    seqs = lim.max_num_seqs * layout.pp  # one scheduler per stage
+    sampling = lim.sampling(calib, layout)
     return Prediction(
-        layout, batch, input_len, output_len, tl.ttft_s, tl.tpot_s, tl.total_s, mem,
-        min(kv_batch(mem, input_len, output_len, lim.block_size), seqs), seqs, tl.phases,
-        *(rank_collectives(m, layout, 0, s.tokens, s.logit_rows, lim.itemsize, s.samples, lim.sampling(calib, layout))
+        layout, batch, input_len, output_len, tl.ttft_s, tl.tpot_s, tl.total_s,
+        *capacity(m, layout, input_len, output_len, calib, lim), tl.phases,
+        *(rank_collectives(m, layout, 0, s.tokens, s.logit_rows, lim.itemsize, s.samples, sampling)
           for s in (first, last)),
     )
 

@@ -41,9 +41,8 @@ def te_lines(te: int | None, preds: list[Prediction], lat_tp: int | None, lat_pr
     if te is None:
         out = "t_e: no tensor-parallel degree of these GPUs holds the model"
     else:
-        gpus = preds[0].layout.tp * preds[0].layout.dp
-        parts = [f"TP{p.layout.tp}xDP{p.layout.dp} {p.throughput / gpus:.0f} tok/s per GPU at batch {p.batch}"
-                 for p in preds if p.fits]
+        gpus = preds[0].layout.world
+        parts = [f"{p.layout.name} {p.throughput / gpus:.0f} tok/s per GPU at batch {p.batch}" for p in preds]
         out = f"t_e = {te} (most throughput over {gpus} GPUs, replicas = GPUs / TP): " + "; ".join(parts)
     if lat_tp is None:
         return out + "\nlowest request latency at this concurrency: no TP degree of one replica holds it"
