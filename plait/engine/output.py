@@ -257,9 +257,9 @@ class OutputProcessor:
 
 
 def _delta(index: int, out: SeqOutput, stop: list[str]) -> CompletionOutput:
-    """The completion's tokens and text since its last delta (which this one becomes). Text that may still change
-    is held back until it settles or the sequence ends: a trailing start of a stop string (the text is cut back if
-    the stop completes) or an unfinished UTF-8 character."""
+    """The completion's tokens and text since its last delta (which this one becomes). A trailing start of a stop
+    string is held back until it settles or the sequence ends (the text is cut back if the stop completes); an
+    unfinished UTF-8 character never reaches the text (`IncrementalDetokenizer.settle` holds it)."""
     end = len(out.text)
     if out.finish_reason is None:
         end = max(out.sent_chars, end - _unsettled_tail(out.text, stop))
@@ -272,9 +272,9 @@ def _delta(index: int, out: SeqOutput, stop: list[str]) -> CompletionOutput:
 
 
 def _unsettled_tail(text: str, stop: list[str]) -> int:
-    """How many trailing characters may still change: an unfinished UTF-8 character (decoded as U+FFFD until its
-    last byte comes) or the start of a stop string (the text is cut back once the stop completes)."""
-    hold = len(text) - len(text.rstrip("\ufffd"))
+    """How many trailing characters may still change: the start of a stop string (the text is cut back once the
+    stop completes)."""
+    hold = 0
     for s in stop:
         for k in range(min(len(s) - 1, len(text)), hold, -1):
             if s.startswith(text[-k:]):
