@@ -264,9 +264,18 @@ class EngineLoop:
         """From the receiving thread: `handler(arg)` on the event loop; dropped once that has closed (nobody is
         listening any more)."""
         try:
-            self._event_loop.call_soon_threadsafe(handler, arg)
+            self._event_loop.call_soon_threadsafe(self._guarded, handler, arg)
         except RuntimeError:
             pass
+
+    def _guarded(self, handler: Callable[[T], None], arg: T) -> None:
+        """A report that cannot be applied fails the server like an engine failure would: left to asyncio's
+        handler, it would only be logged, and the requests it carried would wait forever."""
+        try:
+            handler(arg)
+        except Exception as e:
+            logger.exception("a step's report could not be applied: the server stops")
+            self._fail(e)
 
     def _on_report(self, report: StepReport) -> None:
         self._queued -= report.num_added
