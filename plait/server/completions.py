@@ -32,9 +32,10 @@ def _prompt_ids(prompt: str | list, tokenizer: ServerTokenizer) -> list[list[int
     return [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
 
 
-def _logprobs(c: CompletionOutput, offset: int, k: int) -> dict:
-    """OpenAI's legacy logprobs object for the tokens of `c` (a delta, or the whole completion); text offsets count
-    from the completion's start, `offset` being the characters of its tokens before these."""
+def _logprobs(c: CompletionOutput, offset: int, k: int) -> tuple[dict, int]:
+    """OpenAI's legacy logprobs object for the tokens of `c` (a delta, or the whole completion), and the offset
+    after them (the next delta's); text offsets count from the completion's start, `offset` being the characters
+    of its tokens before these."""
     tokens, token_logprobs, tops, offsets = [], [], [], []
     for token_id, position in zip(c.token_ids, c.logprobs):
         chosen = position[token_id]
@@ -43,17 +44,12 @@ def _logprobs(c: CompletionOutput, offset: int, k: int) -> dict:
         tops.append({lp.decoded_token: lp.logprob for lp in top_logprobs(position, k)})
         offsets.append(offset)
         offset += len(chosen.decoded_token or "")
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}, offset
 
 
-def _token_chars(c: CompletionOutput) -> int:
-    """The characters of the tokens of `c`, as text_offset counts them."""
-    return sum(len(position[token_id].decoded_token or "") for token_id, position in zip(c.token_ids, c.logprobs))
-
-
-def _choice(index: int, c: CompletionOutput, offset: int, k: int | None) -> dict:
-    return {"index": index, "text": c.text, "logprobs": _logprobs(c, offset, k) if k is not None else None,
-            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+def _choice(index: int, c: CompletionOutput, logprobs: dict | None) -> dict:
+    return {"index": index, "text": c.text, "logprobs": logprobs, "finish_reason": c.finish_reason,
+            "stop_reason": c.stop_reason}
 
 
 @router.post("/v1/completions")
@@ -70,10 +66,11 @@ async def create_completion(body: CompletionRequest, raw: Request) -> Response:
     if body.stream:
         return event_stream(_chunks(head, streams, params.n, body.logprobs, body.include_usage), streams)
     finals = await collect(raw, streams)
-    usage, choices = Usage(), []
+    usage, choices, k = Usage(), [], body.logprobs
     for i, out in enumerate(finals):
         usage.add(out)
-        choices += [_choice(i * params.n + c.index, c, 0, body.logprobs) for c in out.outputs]
+        for c in out.outputs:
+            choices.append(_choice(i * params.n + c.index, c, _logprobs(c, 0, k)[0] if k is not None else None))
     return JSONResponse({**head, "choices": choices, "usage": usage.as_dict()})
 
 
@@ -82,9 +79,9 @@ async def _chunks(head: dict, streams: list[RequestStream], n: int, k: int | Non
     usage, offsets = Usage(), {}  # offsets: each choice's characters so far, for text_offset
     async with aclosing(choice_deltas(streams, n, usage)) as deltas:
         async for d in deltas:
-            offset = offsets.get(d.index, 0)
+            logprobs = None
             if k is not None:
-                offsets[d.index] = offset + _token_chars(d.output)
-            yield {**head, "choices": [_choice(d.index, d.output, offset, k)]}
+                logprobs, offsets[d.index] = _logprobs(d.output, offsets.get(d.index, 0), k)
+            yield {**head, "choices": [_choice(d.index, d.output, logprobs)]}
     if include_usage:
         yield {**head, "choices": [], "usage": usage.as_dict()}

@@ -7,8 +7,9 @@ The loop runs in a process of its own (engine_process.py, the default) or in a t
   adds and aborts of its inbox in arrival order between steps, steps while there is work, blocks on the inbox when
   there is none, and after each round hands one `StepReport` (the outputs, the load, the time) to the other side.
 - `EngineLoop`, in the HTTP process: what the routes call. `generate` queues an add and returns the request's
-  `RequestStream`; the thread that receives the reports feeds each stream (an asyncio queue, through
-  `call_soon_threadsafe`) and records the metrics with the step's own timestamp.
+  `RequestStream`; the thread that receives the reports hands each whole one to the event loop (one
+  `call_soon_threadsafe` a step, not one an output), which feeds the streams and records the metrics with the
+  step's own timestamp.
 
 An engine failure fails every request in flight with `EngineDeadError`, and every later one: the server stops.
 """
@@ -16,17 +17,23 @@ An engine failure fails every request in flight with `EngineDeadError`, and ever
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from plait.engine.engine import check_prompt
 from plait.outputs import RequestOutput
-from plait.sampling_params import SamplingParams
+from plait.sampling_params import RequestOutputKind, SamplingParams
 from plait.server.errors import APIError
 from plait.server.metrics import Load, ServerMetrics
+
+logger = logging.getLogger("plait.server")
+T = TypeVar("T")
 
 
 class EngineDeadError(APIError):
@@ -46,7 +53,7 @@ class EngineInfo:
     max_model_len: int
     max_num_seqs: int
     vocab_size: int
-    tokenizer: object  # the engine's tokenizer; None for a preset with dummy weights
+    tokenizer: object  # the HTTP side's own copy of the engine's tokenizer; None for a preset with dummy weights
 
     @classmethod
     def of(cls, engine) -> EngineInfo:
@@ -88,21 +95,27 @@ class StepReport:
 
 class StepLoop:
     """Beside the engine: commands from `inbox` (a queue.SimpleQueue), one StepReport to `report` per round, until
-    Stop. An engine failure propagates to the caller."""
+    Stop or an engine failure, which is logged here (where its traceback is, whichever process this is) and then
+    handed to `fail`: the HTTP side fails every request in flight, then the server stops."""
 
-    def __init__(self, engine, inbox: queue.SimpleQueue, report: Callable[[StepReport], None]):
-        self.engine, self.inbox, self.report = engine, inbox, report
+    def __init__(self, engine, inbox: queue.SimpleQueue, report: Callable[[StepReport], None],
+                 fail: Callable[[Exception], None]):
+        self.engine, self.inbox, self.report, self.fail = engine, inbox, report, fail
 
     def run(self) -> None:
-        while True:
-            commands = self._take(block=not self.engine.has_unfinished_requests())
-            if any(isinstance(cmd, Stop) for cmd in commands):
-                return
-            rejected = self._apply(commands)
-            outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
-            now = time.monotonic()
-            num_added = sum(isinstance(cmd, Add) for cmd in commands)
-            self.report(StepReport(self._load(), now, num_added, rejected, outputs))
+        try:
+            while True:
+                commands = self._take(block=not self.engine.has_unfinished_requests())
+                if any(isinstance(cmd, Stop) for cmd in commands):
+                    return
+                rejected = self._apply(commands)
+                outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
+                now = time.monotonic()
+                num_added = sum(isinstance(cmd, Add) for cmd in commands)
+                self.report(StepReport(self._load(), now, num_added, rejected, outputs))
+        except Exception as e:  # the engine is broken
+            logger.exception("the engine failed: the server stops")
+            self.fail(e)
 
     def _take(self, block: bool) -> list:
         commands = [self.inbox.get()] if block else []
@@ -145,7 +158,7 @@ _CLOSED = object()  # a stream's queue: the request was closed from the event lo
 
 
 class RequestStream:
-    """One request's outputs on their way from the step loop to the event loop; iterate it for them.
+    """One request's outputs, put by the EngineLoop as each report reaches the event loop; iterate it for them.
 
     Whoever submitted the request closes it when done with it (the response ended, the client left): closing an
     unfinished request aborts it in the engine, whether or not anyone ever iterated.
@@ -153,16 +166,11 @@ class RequestStream:
 
     def __init__(self, request_id: str, abort: Callable[[str], None]):
         self.request_id, self._abort = request_id, abort
-        self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue = asyncio.Queue()
         self.finished = False
 
     def put(self, item: RequestOutput | Exception) -> None:
-        """Called on the thread that receives the step loop's reports."""
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        except RuntimeError:  # the event loop has closed: nobody is listening any more
-            pass
+        self._queue.put_nowait(item)
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -196,24 +204,29 @@ class RequestStream:
 
 
 class EngineLoop:
-    """The HTTP side of the step loop. A subclass starts the loop (`start`), carries commands to it (`_send`),
-    calls `_on_report` with each report and `_fail` when the engine is gone, and ends it (`stop`).
+    """The HTTP side of the step loop. A subclass gives the thread that receives its reports (`thread`, started by
+    `start`), carries commands to the loop (`_send`), and ends it (`stop`); that thread passes each report to
+    `_post(self._on_report, ...)`, and the engine's end to `_post(self._fail, ...)`.
 
-    Streams, metrics and load are shared by the event loop (adds, aborts, admission) and the thread receiving the
-    reports; one lock keeps them consistent, so a request is either failed by `_fail` or refused by `generate`.
+    Streams, metrics, load and `error` belong to the event loop alone: the routes' adds, aborts and admission run
+    on it, and `_post` runs the reports and the failure there too, so no lock is needed, and a request is either
+    failed by `_fail` or refused by `generate`.
     """
 
-    def __init__(self, info: EngineInfo):
+    def __init__(self, info: EngineInfo, thread: threading.Thread):
         self.info = info
         self.metrics: ServerMetrics | None = None  # set by start()
         self.load = Load()  # the load of the latest report
         self.error: BaseException | None = None
-        self._lock = threading.Lock()
+        self._thread = thread
+        self._event_loop: asyncio.AbstractEventLoop | None = None  # set by start()
         self._streams: dict[str, RequestStream] = {}  # requests not yet finished or aborted
         self._queued = 0  # adds sent that no report has counted yet
 
-    def start(self, metrics: ServerMetrics) -> None:
-        raise NotImplementedError
+    def start(self, metrics: ServerMetrics, event_loop: asyncio.AbstractEventLoop) -> None:
+        """Start receiving reports, for `event_loop` (the server's, running) to apply."""
+        self.metrics, self._event_loop = metrics, event_loop
+        self._thread.start()
 
     def stop(self) -> None:
         """Let the loop end after its current step and shut the engine down (its ranks, its output process)."""
@@ -225,52 +238,67 @@ class EngineLoop:
     def would_wait(self, new: int) -> int:
         """How many requests would wait if `new` more came now: those queued in the engine or on their way to it,
         plus the new ones, less the free sequence slots the next step fills."""
-        with self._lock:
-            load, queued = self.load, self._queued
-        return max(0, load.waiting + queued + new - (self.info.max_num_seqs - load.running))
+        return max(0, self.load.waiting + self._queued + new - (self.info.max_num_seqs - self.load.running))
 
     def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                  arrival: float) -> RequestStream:
         """Queue the request now (so admission counts it at once); the caller must close the stream it gets."""
-        with self._lock:
-            if self.error is not None:
-                raise EngineDeadError(self.error)
-            stream = self._streams[request_id] = RequestStream(request_id, self._abort)
-            self._queued += 1
-            self.metrics.on_added(request_id, arrival, len(prompt_ids))
+        if self.error is not None:
+            raise EngineDeadError(self.error)
+        # DELTA: a step sends each request's new tokens only, wherever the loop runs; the streams (adding up the
+        # outputs that piled up), the metrics and the routes' final outputs and usage all count on it.
+        params = dataclasses.replace(params, output_kind=RequestOutputKind.DELTA)
+        stream = self._streams[request_id] = RequestStream(request_id, self._abort)
+        self._queued += 1
+        self.metrics.on_added(request_id, arrival, len(prompt_ids))
         self._send(Add(request_id, prompt_ids, params))
         return stream
 
     def _abort(self, request_id: str) -> None:
-        with self._lock:
-            if self._streams.pop(request_id, None) is None:  # finished meanwhile, or the engine failed
-                return
-            self.metrics.on_aborted(request_id)
+        if self._streams.pop(request_id, None) is None:  # finished meanwhile, or the engine failed
+            return
+        self.metrics.on_aborted(request_id)
         self._send(Abort(request_id))
 
+    def _post(self, handler: Callable[[T], None], arg: T) -> None:
+        """From the receiving thread: `handler(arg)` on the event loop; dropped once that has closed (nobody is
+        listening any more)."""
+        try:
+            self._event_loop.call_soon_threadsafe(self._guarded, handler, arg)
+        except RuntimeError:
+            pass
+
+    def _guarded(self, handler: Callable[[T], None], arg: T) -> None:
+        """A report that cannot be applied fails the server like an engine failure would: left to asyncio's
+        handler, it would only be logged, and the requests it carried would wait forever."""
+        try:
+            handler(arg)
+        except Exception as e:
+            logger.exception("a step's report could not be applied: the server stops")
+            self._fail(e)
+
     def _on_report(self, report: StepReport) -> None:
-        with self._lock:
-            self._queued -= report.num_added
-            self.load = report.load
-            self.metrics.set_load(report.load)
-            for request_id, error in report.rejected:
-                if (stream := self._streams.pop(request_id, None)) is not None:
-                    self.metrics.on_aborted(request_id)
-                    stream.put(error)
-            for out in report.outputs:
-                if (stream := self._streams.get(out.request_id)) is None:  # aborted while the step ran
-                    continue
-                self.metrics.on_output(out, report.time)
-                stream.put(out)
-                if out.finished:
-                    del self._streams[out.request_id]
+        self._queued -= report.num_added
+        self.load = report.load
+        self.metrics.set_load(report.load)
+        for request_id, error in report.rejected:
+            if (stream := self._streams.pop(request_id, None)) is not None:
+                self.metrics.on_aborted(request_id)
+                stream.put(error)
+        for out in report.outputs:
+            if (stream := self._streams.get(out.request_id)) is None:  # aborted while the step ran
+                continue
+            self.metrics.on_output(out, report.time)
+            stream.put(out)
+            if out.finished:
+                del self._streams[out.request_id]
 
     def _fail(self, cause: BaseException) -> None:
         """Fail every request in flight and refuse every later one; `error` is set last, once the requests in
-        flight have their error, because the server stops when it sees it."""
+        flight have their error, because the server stops when it sees it (DrainingServer.on_tick, on this same
+        event loop)."""
         dead = EngineDeadError(cause)
-        with self._lock:
-            for stream in self._streams.values():
-                stream.put(dead)
-            self._streams.clear()
-            self.error = cause
+        for stream in self._streams.values():
+            stream.put(dead)
+        self._streams.clear()
+        self.error = cause

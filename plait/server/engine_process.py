@@ -6,9 +6,9 @@ the HTTP process only serves. Two pipes join them:
 
 - commands (Add, Abort, Stop) go in; a thread of the engine process moves them to the step loop's inbox as they
   come, so the event loop's `send` never waits for a step to end;
-- one StepReport per round comes out (outputs, load, time), received by a thread of the HTTP process that feeds
-  the streams. The start-up result (EngineInfo and the tokenizer, or the exception) and an engine failure come
-  the same way.
+- one StepReport per round comes out (outputs, load, time), received by a thread of the HTTP process that hands
+  it to the event loop. The start-up result (EngineInfo and the tokenizer, or the exception) and an engine failure
+  come the same way.
 
 The engine process spawns the ranks and the output process, if any, as its own children. It ignores SIGINT (a
 Ctrl-C reaches the whole process group; the HTTP process decides when the engine stops: a drain still needs
@@ -30,10 +30,9 @@ from multiprocessing.connection import Connection, wait
 from plait.config import EngineConfig
 from plait.engine.data_parallel import make_engine
 from plait.executor.executor import EngineFailure, RankFailure
-from plait.server.engine_loop import EngineInfo, EngineLoop, StepLoop, StepReport, Stop, shut_down
-from plait.server.metrics import ServerMetrics
+from plait.server.engine_loop import EngineInfo, EngineLoop, StepLoop, Stop, shut_down
 
-logger = logging.getLogger("plait.server")
+LOG_FORMAT = "%(levelname)s %(asctime)s %(name)s: %(message)s"  # both processes' (launch.py's too)
 
 
 class EngineProcessDied(EngineFailure):
@@ -52,12 +51,12 @@ class EngineProcess(EngineLoop):
         child_commands.close()
         child_reports.close()
         try:
-            super().__init__(self._await_start())
+            info = self._await_start()
         except BaseException:
             self._kill()
             raise
         self._stopping = False
-        self._receiver = threading.Thread(target=self._receive, name="plait-engine-receiver", daemon=True)
+        super().__init__(info, threading.Thread(target=self._receive, name="plait-engine-receiver", daemon=True))
 
     def _await_start(self) -> EngineInfo:
         """The engine's info once it has loaded, or its start-up error raised here (a ValueError stays one, so the
@@ -75,18 +74,14 @@ class EngineProcess(EngineLoop):
         self._proc.join(timeout=5)
         raise EngineProcessDied(f"the engine process exited with code {self._proc.exitcode} while loading")
 
-    def start(self, metrics: ServerMetrics) -> None:
-        self.metrics = metrics
-        self._receiver.start()
-
     def stop(self, timeout: float = 60.0) -> None:
         """Stop the loop, and wait while the engine process shuts its ranks down (and writes the profile)."""
         self._stopping = True
         self._send(Stop())
         self._proc.join(timeout)
         self._kill()
-        if self._receiver.is_alive():
-            self._receiver.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
         self._commands.close()
 
     def _send(self, command) -> None:
@@ -100,14 +95,14 @@ class EngineProcess(EngineLoop):
             while True:
                 kind, value = self._reports.recv()
                 if kind == "report":
-                    self._on_report(value)
+                    self._post(self._on_report, value)
                 else:  # "failed": the engine raised; its process has logged why and shuts down
-                    self._fail(value)
+                    self._post(self._fail, value)
                     return
         except (EOFError, OSError):
             if not self._stopping:
                 self._proc.join(timeout=5)
-                self._fail(EngineProcessDied(f"the engine process exited with code {self._proc.exitcode}"))
+                self._post(self._fail, EngineProcessDied(f"the engine process exited with code {self._proc.exitcode}"))
         finally:
             self._reports.close()
 
@@ -117,15 +112,11 @@ class EngineProcess(EngineLoop):
             self._proc.join(timeout=10)
 
 
-class _FrontendGone(Exception):
-    """The HTTP process's end of the reports pipe closed."""
-
-
 def _engine_main(cfg: EngineConfig, profile_comm_dir: str, commands: Connection, reports: Connection) -> None:
     """The engine process: load, say so (or send the start-up error), then run the step loop until Stop, the
     HTTP process's end closing, or an engine failure (sent, then the engine shuts down)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     try:
         engine = make_engine(cfg)
     except BaseException as e:  # noqa: BLE001 - the HTTP process raises it
@@ -138,21 +129,13 @@ def _engine_main(cfg: EngineConfig, profile_comm_dir: str, commands: Connection,
         inbox: queue.SimpleQueue = queue.SimpleQueue()
         threading.Thread(target=_forward, args=(commands, inbox), name="plait-engine-inbox", daemon=True).start()
 
-        def report(r: StepReport) -> None:
+        def send(message: tuple) -> None:
             try:
-                reports.send(("report", r))
-            except OSError:
-                raise _FrontendGone from None
+                reports.send(message)
+            except OSError:  # the HTTP process is gone: stop as if told to
+                inbox.put(Stop())
 
-        StepLoop(engine, inbox, report).run()
-    except _FrontendGone:
-        pass
-    except Exception as e:  # the engine is broken: the HTTP process fails every request, then the server stops
-        logger.exception("the engine failed: the server stops")
-        try:
-            reports.send(("failed", _picklable(e)))
-        except OSError:
-            pass
+        StepLoop(engine, inbox, lambda r: send(("report", r)), lambda e: send(("failed", _picklable(e)))).run()
     finally:
         shut_down(engine, profile_comm_dir)
 

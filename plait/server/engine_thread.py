@@ -6,29 +6,29 @@ step loop runs").
 
 from __future__ import annotations
 
-import logging
+import copy
+import dataclasses
 import queue
 import threading
+from functools import partial
 
 from plait.config import EngineConfig
 from plait.engine.data_parallel import make_engine
 from plait.server.engine_loop import EngineInfo, EngineLoop, StepLoop, Stop, shut_down
-from plait.server.metrics import ServerMetrics
-
-logger = logging.getLogger("plait.server")
 
 
 class EngineThread(EngineLoop):
     def __init__(self, engine_cfg: EngineConfig, profile_comm_dir: str):
         self.engine = make_engine(engine_cfg)
-        super().__init__(EngineInfo.of(self.engine))
         self._profile_comm_dir = profile_comm_dir
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="plait-engine", daemon=True)
-
-    def start(self, metrics: ServerMetrics) -> None:
-        self.metrics = metrics
-        self._thread.start()
+        step_loop = StepLoop(self.engine, self._inbox, partial(self._post, self._on_report),
+                             partial(self._post, self._fail))
+        info = EngineInfo.of(self.engine)
+        # The HTTP side's own tokenizer: a Hugging Face fast tokenizer shared between two threads can fail with
+        # "Already borrowed", and the step loop decodes with the engine's while the routes encode.
+        info = dataclasses.replace(info, tokenizer=copy.deepcopy(info.tokenizer))
+        super().__init__(info, threading.Thread(target=step_loop.run, name="plait-engine", daemon=True))
 
     def stop(self, timeout: float = 30.0) -> None:
         self._inbox.put(Stop())
@@ -38,10 +38,3 @@ class EngineThread(EngineLoop):
 
     def _send(self, command) -> None:
         self._inbox.put(command)
-
-    def _run(self) -> None:
-        try:
-            StepLoop(self.engine, self._inbox, self._on_report).run()
-        except Exception as e:  # the engine is broken: fail everyone, refuse everything; the server then stops
-            logger.exception("the engine failed: the server stops")
-            self._fail(e)

@@ -10,6 +10,7 @@ and restarts it, instead of a server that stays up answering 500.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import signal
@@ -22,7 +23,7 @@ import uvicorn
 from plait.config import EngineConfig
 from plait.server.app import build_app
 from plait.server.config import ServerConfig
-from plait.server.engine_process import EngineProcess
+from plait.server.engine_process import LOG_FORMAT, EngineProcess
 from plait.server.engine_thread import EngineThread
 from plait.server.metrics import ServerMetrics
 from plait.server.state import ServerState
@@ -34,7 +35,8 @@ logger = logging.getLogger("plait.server")
 class DrainingServer(uvicorn.Server):
     """uvicorn whose first SIGTERM/SIGINT drains: /v1 answers 503 while running requests finish, for at most
     `drain_timeout` seconds; then it exits as usual (and cancels what is left). A second signal exits at once.
-    Once the engine has failed it exits as well, letting the requests in flight send their error first.
+    Once the engine has failed it exits as well, letting the requests in flight send their error first. It starts
+    the engine loop's reports on its own event loop, which from then on applies them.
 
     uvicorn's own handler would stop listening straight away and re-raise the signal after shutdown, so the
     process would die of SIGTERM instead of exiting 0.
@@ -44,6 +46,10 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.state = state
         self._deadline = 0.0
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self.state.loop.start(self.state.metrics, asyncio.get_running_loop())
+        await super().startup(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.state.draining:
@@ -77,7 +83,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def run_server(engine_cfg: EngineConfig, cfg: ServerConfig, profile_comm_dir: str = "comm-profile") -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     sock = bind(cfg.host, cfg.port)
     try:
         loop = (EngineProcess if cfg.frontend_multiprocessing else EngineThread)(engine_cfg, profile_comm_dir)
@@ -91,7 +97,6 @@ def run_server(engine_cfg: EngineConfig, cfg: ServerConfig, profile_comm_dir: st
         state = ServerState(loop, ServerTokenizer(info.tokenizer, info.vocab_size), metrics, cfg, name)
         uv = uvicorn.Config(build_app(state), host=cfg.host, port=cfg.port, log_level=cfg.uvicorn_log_level,
                             access_log=not cfg.disable_uvicorn_access_log, timeout_graceful_shutdown=1)
-        loop.start(metrics)
         logger.info("serving %s on http://%s:%d", name, cfg.host, sock.getsockname()[1])
         DrainingServer(uv, state).run(sockets=[sock])
     finally:

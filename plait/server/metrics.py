@@ -1,9 +1,8 @@
 """Prometheus metrics with vLLM's names (`vllm:` becomes `plait:`), so existing dashboards read them unchanged.
 
-They live in the HTTP process, whichever process steps the engine: adds and aborts are recorded as the event loop
-makes them, outputs and load by the thread that receives each step's report, timed with the step's own timestamp
-(the moment the step returned, before any pipe or HTTP latency). prometheus_client's metrics are thread-safe,
-and each server has its own registry.
+They live in the HTTP process, whichever process steps the engine, and are recorded on its event loop: adds and
+aborts as the routes make them, outputs and load as each step's report arrives, timed with the step's own
+timestamp (the moment the step returned, before any pipe or HTTP latency). Each server has its own registry.
 """
 
 from __future__ import annotations
@@ -65,7 +64,7 @@ class ServerMetrics:
         self._success = Counter("plait:request_success_total", "Finished requests by finish reason.",
                                 ["model_name", "finished_reason"], registry=r)
         self._model_name = model_name
-        self._timings: dict[str, _Timing] = {}  # under the engine loop's lock
+        self._timings: dict[str, _Timing] = {}  # the unfinished requests'
 
     def render(self) -> bytes:
         return prometheus_client.generate_latest(self.registry)

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from plait.sampling_params import RequestOutputKind, SamplingParams
+from plait.sampling_params import SamplingParams
 
 
 class _Body(BaseModel):
@@ -50,7 +50,7 @@ class _Sampling(_Body):
 
     def _params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """SamplingParams checks every value and raises ValueError with the allowed range, which becomes a 400.
-        The server asks for DELTA outputs: a step sends each request's new tokens only, wherever the loop runs."""
+        The output kind is the engine loop's to set (EngineLoop.generate), since everything behind it depends on it."""
         def pick(value, default):
             return default if value is None else value
 
@@ -60,7 +60,7 @@ class _Sampling(_Body):
             frequency_penalty=pick(self.frequency_penalty, 0.0), repetition_penalty=pick(self.repetition_penalty, 1.0),
             stop=self.stop, stop_token_ids=self.stop_token_ids, include_stop_str_in_output=self.include_stop_str_in_output,
             ignore_eos=self.ignore_eos, max_tokens=max_tokens, min_tokens=self.min_tokens, logprobs=logprobs,
-            skip_special_tokens=self.skip_special_tokens, output_kind=RequestOutputKind.DELTA,
+            skip_special_tokens=self.skip_special_tokens,
         )
 
 

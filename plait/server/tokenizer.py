@@ -1,20 +1,17 @@
 """The HTTP side's tokenizer: prompts and chat templates are encoded here, off the step loop.
 
-It is a copy of the engine's tokenizer, not the same object: a Hugging Face fast tokenizer shared between two
-threads can fail with "Already borrowed", and in the default engine thread the step loop is
-decoding with its own at the same time.
+It wraps a copy of the engine's tokenizer, never the engine's own object (the step loop decodes with that at the
+same time): unpickled from the engine process (the default), or deep-copied by engine_thread.py.
 """
 
 from __future__ import annotations
-
-import copy
 
 from plait.server.errors import APIError
 
 
 class ServerTokenizer:
     def __init__(self, tokenizer, vocab_size: int):
-        self._tok = copy.deepcopy(tokenizer) if tokenizer is not None else None
+        self._tok = tokenizer
         self.vocab_size = vocab_size
 
     def _require(self, what: str):
