@@ -322,25 +322,24 @@ class EngineConfig:
         return NodeLayout(self.parallel.replica_world_size, self.nnodes, self.node_rank, self.master_addr,
                           self.master_port, self.dist_timeout)
 
-    @property
-    def ranks_per_node(self) -> int:
-        """Ranks this machine starts: its share of one replica's, times the replicas (they all run on node 0)."""
-        return self.data_parallel_size * self.nodes.ranks_per_node
-
-    def check_gpus(self, visible: int, cuda_visible_devices: str | None) -> None:
-        """Refuse more ranks on this machine than the `visible` GPUs (CUDA_VISIBLE_DEVICES as set, None if unset):
-        each rank takes the GPU of its local index, so two ranks would share one and fail only once the model is
-        loaded, as an out-of-memory error or an empty KV cache. The caller asks torch for the count."""
-        if self.ranks_per_node <= visible:
+    def check_gpus(self, ranks: int, visible: int, cuda_visible_devices: str | None) -> None:
+        """Refuse `ranks` ranks on this machine (device indices 0 .. ranks - 1) with only `visible` GPUs
+        (CUDA_VISIBLE_DEVICES as set, None if unset): each rank takes the GPU of its index, so two ranks would share
+        one and fail only once the model is loaded, as an out-of-memory error or an empty KV cache. The caller asks
+        torch for the count."""
+        if ranks <= visible:
             return
         par = self.parallel
-        ranks = (f"dp {par.data_parallel_size} x pp {par.pipeline_parallel_size} x tp {par.tensor_parallel_size} x "
-                 f"sp {par.sequence_parallel_size} = {par.world_size} ranks")
-        where = f" over nnodes {self.nnodes} = {self.ranks_per_node} per node" if self.nnodes > 1 else " on this machine"
+        share = par.world_size // self.nnodes  # this machine's ranks of this layout
+        layout = (f"dp {par.data_parallel_size} x pp {par.pipeline_parallel_size} x tp {par.tensor_parallel_size} x "
+                  f"sp {par.sequence_parallel_size} = {par.world_size} ranks")
+        where = f" over nnodes {self.nnodes} = {share} per node" if self.nnodes > 1 else " on this machine"
+        if ranks > share:  # placed after another replica's GPUs (a device offset)
+            where += f" after its first {ranks - share} GPU(s)"
         env = "unset" if cuda_visible_devices is None else repr(cuda_visible_devices)
         raise ValueError(
-            f"{ranks}{where}, but {visible} GPU(s) visible here (CUDA_VISIBLE_DEVICES {env}): each rank needs a GPU of its "
-            f"own; lower the degrees, make more GPUs visible, or spread the ranks over more machines (--nnodes)"
+            f"{layout}{where}, but {visible} GPU(s) visible here (CUDA_VISIBLE_DEVICES {env}): each rank needs a GPU of "
+            f"its own; lower the degrees, make more GPUs visible, or spread the ranks over more machines (--nnodes)"
         )
 
     def resolved_device(self) -> str:

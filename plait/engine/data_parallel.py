@@ -19,6 +19,8 @@ from plait.sampling_params import SamplingParams
 class DataParallelEngine:
     def __init__(self, cfg: EngineConfig):
         per_replica = cfg.parallel.replica_world_size
+        # Every replica's GPUs at once: each replica's executor checks its own, after the ones before it started.
+        check_visible_gpus(cfg, cfg.data_parallel_size * per_replica)
         replica_cfg = cfg.replace(data_parallel_size=1)
         self.replicas: list[LLMEngine] = []
         try:
@@ -86,5 +88,4 @@ class DataParallelEngine:
 
 
 def make_engine(cfg: EngineConfig) -> LLMEngine | DataParallelEngine:
-    check_visible_gpus(cfg)  # every replica's ranks at once: the first would start before the last is refused
     return DataParallelEngine(cfg) if cfg.data_parallel_size > 1 else LLMEngine(cfg)

@@ -80,6 +80,7 @@ class MultiprocExecutor:
 
     def __init__(self, cfg: EngineConfig, init_args: dict, device_offset: int = 0):
         layout = cfg.nodes
+        check_visible_gpus(cfg, device_offset + layout.ranks_per_node)  # before any rank starts: the indices handed out
         self.world = layout.world
         self.store = driver_store(layout)  # the rendezvous; a store of its own closes with it, ending remote ranks
         rendezvous = (layout.master_addr, self.store.port)
@@ -177,10 +178,11 @@ class MultiprocExecutor:
         self.procs, self.conns, self.store, self.remote = [], [], None, None
 
 
-def check_visible_gpus(cfg: EngineConfig) -> None:
-    """On GPU, refuse a layout with more ranks on this machine than torch sees GPUs, before any rank is started."""
+def check_visible_gpus(cfg: EngineConfig, ranks: int) -> None:
+    """On GPU, refuse `ranks` ranks on this machine (device indices 0 .. ranks - 1) when torch sees fewer GPUs: the
+    callers check before they start a rank, so the error is one line instead of a failure inside every rank."""
     if cfg.resolved_device() == "cuda":
-        cfg.check_gpus(torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+        cfg.check_gpus(ranks, torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES"))
 
 
 def make_executor(cfg: EngineConfig, init_args: dict, device_offset: int = 0, own_process: bool = False):

@@ -33,7 +33,7 @@ def run_follower(cfg: EngineConfig) -> int:
     except dist.DistNetworkError:
         raise RankFailure(f"node 0's rendezvous at {addr}:{port} closed during the handshake: node 0 failed") from None
     try:
-        check_visible_gpus(driver_cfg)
+        check_visible_gpus(driver_cfg, layout.ranks_per_node)  # device index = local rank
     except ValueError as e:  # the driver learns it from the node's report, not from its silence
         store.set(node_key("failed", layout.node_rank), f"a refused start: {e}")
         raise

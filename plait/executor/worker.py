@@ -32,7 +32,7 @@ def init_group(cfg: EngineConfig, rank: int, world: int, rendezvous: tuple[str, 
     torch.distributed requires). NCCL on GPU, within and across machines; gloo on CPU."""
     cuda = cfg.resolved_device() == "cuda"
     if cuda:
-        torch.cuda.set_device(device_index)  # < the visible GPUs: checked before any rank started (check_visible_gpus)
+        torch.cuda.set_device(device_index)  # < the visible GPUs: its starter checked them (check_visible_gpus)
     if world == 1:
         return RankContext.single()
     addr, port = rendezvous

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from plait.comm.communicator import Communicator
-from plait.layers.linear import Segment
-from plait.layers.norm import RMSNorm
+from plait.layers.linear import Segment, linear_shape, load_columns, load_segments, segment_shape
+from plait.layers.norm import RMSNorm, load_norm
 
 
 class TrackSlots:
@@ -52,17 +52,11 @@ class GroupedColumnLinear(TrackSlots, nn.Module):
         return [f"{k}.{s.name}" for k in self.tracks for s in self.segments]
 
     def expected_shape(self, name: str, kind: str) -> tuple[int, ...]:
-        seg = next(s for s in self.segments if s.name == self.slot(name)[1])
-        return (seg.full_rows, self.in_features) if kind == "weight" else (seg.full_rows,)
+        return segment_shape(self.segments, self.slot(name)[1], kind, self.in_features)
 
     def load(self, name: str, kind: str, read) -> None:
         slot, name = self.slot(name)
-        offset = 0
-        for seg in self.segments:
-            if seg.name == name:
-                dst = self.weight[slot] if kind == "weight" else self.bias[slot, 0]
-                dst[offset : offset + seg.rows].copy_(read(0, seg.start, seg.end))
-            offset += seg.rows
+        load_segments(self.weight[slot] if kind == "weight" else self.bias[slot, 0], self.segments, name, read)
 
 
 class GroupedRowLinear(TrackSlots, nn.Module):
@@ -82,14 +76,11 @@ class GroupedRowLinear(TrackSlots, nn.Module):
         return y if self.bias is None else y + self.bias
 
     def expected_shape(self, name: str, kind: str) -> tuple[int, ...]:
-        return (self.out_features, self.in_features) if kind == "weight" else (self.out_features,)
+        return linear_shape(self.out_features, self.in_features, kind)
 
     def load(self, name: str, kind: str, read) -> None:
         slot, _ = self.slot(name)
-        if kind == "weight":
-            self.weight[slot].copy_(read(1, *self.cols))
-        else:
-            self.bias[slot, 0].copy_(read(0, 0, None))
+        load_columns(self.weight[slot] if kind == "weight" else self.bias[slot, 0], kind, self.cols, read)
 
 
 class GroupedRMSNorm(TrackSlots, RMSNorm):
@@ -104,7 +95,7 @@ class GroupedRMSNorm(TrackSlots, RMSNorm):
         return (self.weight.shape[-1],)
 
     def load(self, name: str, kind: str, read) -> None:
-        self.weight[self.slot(name)[0], 0].copy_(read(0, 0, None))
+        load_norm(self.weight[self.slot(name)[0], 0], read)
 
 
 class GroupedHeadNorm(GroupedRMSNorm):

@@ -51,21 +51,11 @@ class ColumnParallelLinear(nn.Module):
         return nn.functional.linear(x, self.weight, self.bias)
 
     def expected_shape(self, name: str, kind: str) -> tuple[int, ...]:
-        seg = self._segment(name)
-        return (seg.full_rows, self.in_features) if kind == "weight" else (seg.full_rows,)
+        return segment_shape(self.segments, name, kind, self.in_features)
 
     def load(self, name: str, kind: str, read) -> None:
-        """read(dim, start, end) -> the checkpoint tensor's slice; `kind` is "weight" or "bias". A name may have
-        several segments (sequence parallelism groups every rank's q, k, v rows together)."""
-        offset = 0
-        for seg in self.segments:
-            if seg.name == name:
-                dst = (self.weight if kind == "weight" else self.bias)[offset : offset + seg.rows]
-                dst.copy_(read(0, seg.start, seg.end))
-            offset += seg.rows
-
-    def _segment(self, name: str) -> Segment:
-        return next(s for s in self.segments if s.name == name)
+        """read(dim, start, end) -> the checkpoint tensor's slice; `kind` is "weight" or "bias"."""
+        load_segments(self.weight if kind == "weight" else self.bias, self.segments, name, read)
 
 
 class RowParallelLinear(nn.Module):
@@ -104,10 +94,36 @@ class RowParallelLinear(nn.Module):
         return y
 
     def expected_shape(self, name: str, kind: str) -> tuple[int, ...]:
-        return (self.out_features, self.in_features) if kind == "weight" else (self.out_features,)
+        return linear_shape(self.out_features, self.in_features, kind)
 
     def load(self, name: str, kind: str, read) -> None:
-        if kind == "weight":
-            self.weight.copy_(read(1, *self.cols))
-        else:
-            self.bias.copy_(read(0, 0, None))
+        load_columns(self.weight if kind == "weight" else self.bias, kind, self.cols, read)
+
+
+# The loading shared by these layers and their grouped forms (plait.layers.grouped), which hand over one track's slice
+# of their stacked parameters as `dst`.
+
+
+def linear_shape(rows: int, in_features: int, kind: str) -> tuple[int, ...]:
+    """A whole checkpoint weight, [rows, in], or bias, [rows]: what the loader checks a tensor against."""
+    return (rows, in_features) if kind == "weight" else (rows,)
+
+
+def segment_shape(segments: list[Segment], name: str, kind: str, in_features: int) -> tuple[int, ...]:
+    """The whole checkpoint tensor `name` of a column-parallel layer, of which its segments hold rows."""
+    return linear_shape(next(s for s in segments if s.name == name).full_rows, in_features, kind)
+
+
+def load_segments(dst: torch.Tensor, segments: list[Segment], name: str, read) -> None:
+    """Fill `dst`'s rows of each segment of checkpoint tensor `name` (read(dim, start, end) -> its slice). A name may
+    have several segments (sequence parallelism groups every rank's q, k, v rows together)."""
+    offset = 0
+    for seg in segments:
+        if seg.name == name:
+            dst[offset : offset + seg.rows].copy_(read(0, seg.start, seg.end))
+        offset += seg.rows
+
+
+def load_columns(dst: torch.Tensor, kind: str, cols: tuple[int, int], read) -> None:
+    """A row-parallel layer's tensor: this rank's columns `cols` of the weight, or the whole bias (added once)."""
+    dst.copy_(read(1, *cols) if kind == "weight" else read(0, 0, None))

@@ -32,7 +32,7 @@ class RMSNorm(nn.Module):
         return out if residual is None else (out, residual)
 
     def load(self, name: str, kind: str, read) -> None:
-        self.weight.copy_(read(0, 0, None))
+        load_norm(self.weight, read)
 
     def expected_shape(self, name: str, kind: str) -> tuple[int, ...]:
         return tuple(self.weight.shape)
@@ -54,3 +54,9 @@ class AllReduceRMSNorm(RMSNorm):
         if self.comm.fuses_norm(x.shape[0]):
             return self.comm.all_reduce_rms_norm(x, residual, self.weight, self.eps)
         return super().forward(self.comm.all_reduce(x), residual)
+
+
+def load_norm(dst: torch.Tensor, read) -> None:
+    """A norm's weight is whole on every rank (each normalises full hidden states): read all of it into `dst`, the
+    parameter or, in a grouped norm (plait.layers.grouped), one track's slice of it."""
+    dst.copy_(read(0, 0, None))
