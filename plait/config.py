@@ -322,26 +322,6 @@ class EngineConfig:
         return NodeLayout(self.parallel.replica_world_size, self.nnodes, self.node_rank, self.master_addr,
                           self.master_port, self.dist_timeout)
 
-    def check_gpus(self, ranks: int, visible: int, cuda_visible_devices: str | None) -> None:
-        """Refuse `ranks` ranks on this machine (device indices 0 .. ranks - 1) with only `visible` GPUs
-        (CUDA_VISIBLE_DEVICES as set, None if unset): each rank takes the GPU of its index, so two ranks would share
-        one and fail only once the model is loaded, as an out-of-memory error or an empty KV cache. The caller asks
-        torch for the count."""
-        if ranks <= visible:
-            return
-        par = self.parallel
-        share = par.world_size // self.nnodes  # this machine's ranks of this layout
-        layout = (f"dp {par.data_parallel_size} x pp {par.pipeline_parallel_size} x tp {par.tensor_parallel_size} x "
-                  f"sp {par.sequence_parallel_size} = {par.world_size} ranks")
-        where = f" over nnodes {self.nnodes} = {share} per node" if self.nnodes > 1 else " on this machine"
-        if ranks > share:  # placed after another replica's GPUs (a device offset)
-            where += f" after its first {ranks - share} GPU(s)"
-        env = "unset" if cuda_visible_devices is None else repr(cuda_visible_devices)
-        raise ValueError(
-            f"{layout}{where}, but {visible} GPU(s) visible here (CUDA_VISIBLE_DEVICES {env}): each rank needs a GPU of "
-            f"its own; lower the degrees, make more GPUs visible, or spread the ranks over more machines (--nnodes)"
-        )
-
     def resolved_device(self) -> str:
         if self.device == "auto":
             return "cuda" if torch.cuda.is_available() else "cpu"

@@ -249,22 +249,24 @@ def test_bad_engine_config(folder, llm, expected, kwargs, match):
 ])
 def test_more_ranks_on_a_machine_than_gpus_is_refused(changes, visible, env, match):
     from plait.config import EngineConfig
+    from plait.executor.executor import check_gpus
 
     cfg = EngineConfig(**changes)
     ranks = cfg.parallel.world_size // cfg.nnodes  # this machine's: every replica's, or this node's share
     with pytest.raises(ValueError, match=match):
-        cfg.check_gpus(ranks, visible, env)
-    cfg.check_gpus(ranks, ranks, env)  # one GPU per rank is enough
+        check_gpus(cfg, ranks, visible, env)
+    check_gpus(cfg, ranks, ranks, env)  # one GPU per rank is enough
 
 
 def test_a_replica_placed_past_the_visible_gpus_is_refused():
     """A replica's ranks take the GPUs after the replicas before it (the executor's device offset): the message says
     so, rather than claim its own ranks alone outnumber the GPUs."""
     from plait.config import EngineConfig
+    from plait.executor.executor import check_gpus
 
     with pytest.raises(ValueError, match=r"^dp 1 x pp 1 x tp 2 x sp 1 = 2 ranks on this machine after its first 2 GPU\(s\), "
                                          r"but 3 GPU\(s\) visible here"):
-        EngineConfig(tensor_parallel_size=2).check_gpus(4, 3, None)
+        check_gpus(EngineConfig(tensor_parallel_size=2), 4, 3, None)
 
 
 def test_a_failed_start_up_leaves_no_rank_running(folder, llm, expected):

@@ -178,11 +178,32 @@ class MultiprocExecutor:
         self.procs, self.conns, self.store, self.remote = [], [], None, None
 
 
+def check_gpus(cfg: EngineConfig, ranks: int, visible: int, cuda_visible_devices: str | None) -> None:
+    """Refuse `ranks` ranks on this machine (device indices 0 .. ranks - 1) with only `visible` GPUs
+    (CUDA_VISIBLE_DEVICES as set, None if unset): each rank takes the GPU of its index, so two ranks would share
+    one and fail only once the model is loaded, as an out-of-memory error or an empty KV cache. The caller asks
+    torch for the count."""
+    if ranks <= visible:
+        return
+    par = cfg.parallel
+    share = par.world_size // cfg.nnodes  # this machine's ranks of this layout
+    layout = (f"dp {par.data_parallel_size} x pp {par.pipeline_parallel_size} x tp {par.tensor_parallel_size} x "
+              f"sp {par.sequence_parallel_size} = {par.world_size} ranks")
+    where = f" over nnodes {cfg.nnodes} = {share} per node" if cfg.nnodes > 1 else " on this machine"
+    if ranks > share:  # placed after another replica's GPUs (a device offset)
+        where += f" after its first {ranks - share} GPU(s)"
+    env = "unset" if cuda_visible_devices is None else repr(cuda_visible_devices)
+    raise ValueError(
+        f"{layout}{where}, but {visible} GPU(s) visible here (CUDA_VISIBLE_DEVICES {env}): each rank needs a GPU of "
+        f"its own; lower the degrees, make more GPUs visible, or spread the ranks over more machines (--nnodes)"
+    )
+
+
 def check_visible_gpus(cfg: EngineConfig, ranks: int) -> None:
     """On GPU, refuse `ranks` ranks on this machine (device indices 0 .. ranks - 1) when torch sees fewer GPUs: the
     callers check before they start a rank, so the error is one line instead of a failure inside every rank."""
     if cfg.resolved_device() == "cuda":
-        cfg.check_gpus(ranks, torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+        check_gpus(cfg, ranks, torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES"))
 
 
 def make_executor(cfg: EngineConfig, init_args: dict, device_offset: int = 0, own_process: bool = False):
